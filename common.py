@@ -1,0 +1,362 @@
+"""
+Plumbing shared by the four phase scripts, so each script can show only its training loop:
+devices and DDP, the LR schedule, the optimizer, atomic checkpoints, resume state, Ctrl-C/SIGTERM,
+throughput and MFU, and one-line errors for bad input.
+"""
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad path, bad value, missing checkpoint). Printed as one line."""
+
+
+def cli(main):
+    """Run main(); turn UserError into a one-line message and exit code 2 (no traceback)."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+def add_run_args(p, phase):
+    """The flags every phase shares. Phase-specific knobs stay at the top of each script."""
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--out_dir", default="out", help="all phases read and write under this folder")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
+    p.add_argument("--resume", action="store_true", help=f"continue from {phase}/last.pt")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def check_range(name, value, lo=None, hi=None, lo_open=False):
+    """Out-of-range config values get a one-line error instead of a crash deep inside torch."""
+    bad = (lo is not None and (value <= lo if lo_open else value < lo)) or (hi is not None and value > hi)
+    if bad or (isinstance(value, float) and not math.isfinite(value)):
+        lo_s = "" if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
+        hi_s = "" if hi is None else f"<= {hi}"
+        raise UserError(f"--{name}={value} is out of range: it must be {' and '.join(s for s in (lo_s, hi_s) if s)}")
+
+
+# -----------------------------------------------------------------------------
+# Device, precision, distributed
+
+def setup(args):
+    """Pick the device, seed everything, set up DDP when launched by torchrun.
+    Returns a namespace: device, device_type, ddp, rank, world_size, master, autocast."""
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, world, local = 0, 1, 0
+    if ddp:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local = int(os.environ.get("LOCAL_RANK", 0))
+    dev = args.device
+    if dev == "auto":
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {args.device} was asked for but CUDA is not available here; use --device cpu")
+        if ddp:
+            dev = f"cuda:{local}"
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
+        torch.backends.cudnn.allow_tf32 = True
+    elif dev == "mps" and not torch.backends.mps.is_available():
+        raise UserError("--device mps was asked for but MPS is not available here; use --device cpu")
+    elif dev not in ("cpu", "mps"):
+        raise UserError(f"unknown --device {args.device!r}: use cpu, cuda, cuda:N or mps")
+    if ddp:
+        import torch.distributed as dist
+        dist.init_process_group(backend="nccl" if dev.startswith("cuda") else "gloo")
+    device_type = "cuda" if dev.startswith("cuda") else dev
+    seed_everything(args.seed)
+    # bf16 autocast on GPU only: on CPU bf16 matmuls are ~100x slower than fp32 here
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
+    return SimpleNamespace(device=dev, device_type=device_type, ddp=ddp, rank=rank, world_size=world,
+                           master=rank == 0, autocast=autocast)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def wrap_model(model, run, compile=False):
+    """Optionally compile, then wrap in DDP. Always keep `model` (unwrapped) for saving."""
+    m = model
+    if compile:
+        m = torch.compile(m)
+    if run.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        ids = [torch.device(run.device).index] if run.device_type == "cuda" else None
+        m = DDP(m, device_ids=ids)
+    return m
+
+
+def all_reduce_mean(x, run):
+    """Average a float over ranks (for logging/eval)."""
+    if not run.ddp:
+        return x
+    import torch.distributed as dist
+    t = torch.tensor([x], dtype=torch.float64, device=run.device)
+    dist.all_reduce(t)
+    return t.item() / run.world_size
+
+
+def cleanup(run):
+    if run.ddp:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+
+
+def to_device(x, run):
+    """Pinned, non-blocking host->GPU copy; a plain move elsewhere."""
+    if run.device_type == "cuda":
+        return x.pin_memory().to(run.device, non_blocking=True)
+    return x.to(run.device)
+
+
+# -----------------------------------------------------------------------------
+# Optimisation
+
+def lr_at(step, max_lr, total_steps, warmup, min_lr_frac=0.1):
+    """Linear warmup from ~0 to max_lr, then cosine decay to min_lr_frac * max_lr at total_steps."""
+    if step < warmup:
+        return max_lr * (step + 1) / warmup
+    if step >= total_steps:
+        return max_lr * min_lr_frac
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return max_lr * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def make_optimizer(groups, weight_decay, betas, device_type):
+    """AdamW with weight decay on matrices only (linear and embedding weights; never norms or biases,
+    as in nanoGPT). groups: list of (params, lr) pairs; each gets its own LR
+    (stored as 'base_lr' so the schedule can scale every group the same way)."""
+    param_groups = []
+    for params, lr in groups:
+        params = [p for p in params if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        no_decay = [p for p in params if p.dim() < 2]
+        if decay:
+            param_groups.append({"params": decay, "weight_decay": weight_decay, "lr": lr, "base_lr": lr})
+        if no_decay:
+            param_groups.append({"params": no_decay, "weight_decay": 0.0, "lr": lr, "base_lr": lr})
+    if not param_groups:
+        raise UserError("nothing to train: every part of the model is frozen")
+    fused = device_type == "cuda"  # one kernel for the whole update on GPU
+    return torch.optim.AdamW(param_groups, betas=betas, fused=fused)
+
+
+def set_lr(optimizer, scale):
+    """Set every group's LR to its base LR times the schedule's factor."""
+    for g in optimizer.param_groups:
+        g["lr"] = g["base_lr"] * scale
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints: atomic writes, plain contents (weights_only=True loads them), clear errors
+
+def save_checkpoint(obj, path):
+    """Write to a temp file in the same folder, fsync, then rename: a crash mid-write never leaves a
+    half-written checkpoint where a good one was."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, expect_phase=None, run_first=None):
+    """Load a checkpoint dict on CPU. Missing file -> say which command makes it."""
+    if not os.path.exists(path):
+        hint = f"; run `{run_first}` first" if run_first else ""
+        raise UserError(f"checkpoint {path} not found{hint}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or foreign file
+        raise UserError(f"could not read checkpoint {path} ({type(e).__name__}); it is damaged or not a checkpoint of this project")
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "decoder_config" not in ckpt:
+        raise UserError(f"{path} is not a checkpoint of this project")
+    if expect_phase is not None:
+        phases = expect_phase if isinstance(expect_phase, (list, tuple)) else [expect_phase]
+        if ckpt.get("phase") not in phases:
+            raise UserError(f"{path} is a {ckpt.get('phase')} checkpoint, but a {' or '.join(phases)} checkpoint is needed here")
+    return ckpt
+
+
+def check_vocab(ckpt, sp, path):
+    """The model's vocabulary must be the tokenizer's."""
+    v = ckpt["decoder_config"]["vocab_size"]
+    if v != sp.get_piece_size():
+        raise UserError(f"{path} has vocab_size {v} but tokenizer {ckpt.get('tokenizer')} has {sp.get_piece_size()} pieces; "
+                        "use the tokenizer the checkpoint was trained with")
+
+
+def rng_state(gens):
+    """Everything random that affects training, as plain tensors/ints (weights_only-safe)."""
+    st = {"torch": torch.get_rng_state(), "python": random.getstate()[1], "numpy": None,
+          "gens": {k: g.get_state() for k, g in gens.items()}}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def set_rng_state(st, gens):
+    torch.set_rng_state(st["torch"])
+    random.setstate((3, tuple(st["python"]), None))
+    for k, g in gens.items():
+        g.set_state(st["gens"][k])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+class StopFlag:
+    """Ctrl-C or SIGTERM sets a flag; the loop finishes its step, saves a resumable checkpoint, exits."""
+
+    def __init__(self):
+        self.stop = False
+        self.signum = None
+        signal.signal(signal.SIGINT, self._handler)
+        signal.signal(signal.SIGTERM, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.stop:  # a second Ctrl-C means "now"
+            raise KeyboardInterrupt
+        self.stop = True
+        self.signum = signum
+
+
+def check_finite(loss_value, step, out_path):
+    if not math.isfinite(loss_value):
+        raise UserError(f"loss became {loss_value} at step {step}; stopped, the last good checkpoint in {out_path} is kept. "
+                        "Try a lower --lr or check the data")
+
+
+# -----------------------------------------------------------------------------
+# Throughput and MFU
+
+# Dense bf16 peak FLOP/s (no sparsity) by GPU name substring, from the vendors' data sheets.
+GPU_PEAK_BF16 = [
+    ("H200", 989e12), ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("GH200", 989e12),
+    ("B200", 2250e12), ("A100", 312e12), ("A10G", 70e12), ("A10", 125e12), ("L40S", 362e12), ("L40", 181e12),
+    ("L4", 121e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12), ("V100", 125e12), ("T4", 65e12),
+]
+_cpu_peak = None
+
+
+def cpu_matmul_peak():
+    """Measured fp32 matmul FLOP/s of this CPU with torch's current threads (cached). CPU 'MFU' is
+    against this, since CPUs have no data-sheet number that torch can reach."""
+    global _cpu_peak
+    if _cpu_peak is None:
+        n = 1024
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        for _ in range(3):
+            a @ b
+        t0, reps = time.perf_counter(), 0
+        while time.perf_counter() - t0 < 0.5:
+            a @ b
+            reps += 1
+        _cpu_peak = 2 * n ** 3 * reps / (time.perf_counter() - t0)
+    return _cpu_peak
+
+
+def peak_flops(run):
+    """Peak FLOP/s of one device of this run, or None if unknown (MFU then not printed)."""
+    if run.device_type == "cuda":
+        name = torch.cuda.get_device_name(run.device)
+        for key, val in GPU_PEAK_BF16:
+            if key in name:
+                return val
+        return None
+    if run.device_type == "cpu":
+        return cpu_matmul_peak()
+    return None
+
+
+class Meter:
+    """Times training intervals and turns counts into tokens/s, images/s and MFU."""
+
+    def __init__(self, run):
+        self.peak = peak_flops(run)
+        self.world = run.world_size
+        self.cuda = run.device_type == "cuda"
+        self.reset()
+
+    def reset(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.t0 = time.perf_counter()
+        self.steps = self.tokens = self.images = self.flops = 0
+
+    def add(self, tokens=0, images=0, flops=0):
+        """Counts for one optimizer step on this rank."""
+        self.steps += 1
+        self.tokens += tokens
+        self.images += images
+        self.flops += flops
+
+    def report(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        r = {"ms_step": 1000 * dt / max(self.steps, 1),
+             "tok_s": self.tokens * self.world / dt,
+             "img_s": self.images * self.world / dt,
+             "mfu": (self.flops / dt / self.peak) if self.peak else None}
+        self.reset()
+        return r
+
+
+def fmt_speed(r):
+    s = f"{r['ms_step']:.0f} ms/step | {r['tok_s']:,.0f} tok/s"
+    if r["img_s"]:
+        s += f" | {r['img_s']:,.1f} img/s"
+    if r["mfu"] is not None:
+        s += f" | MFU {100 * r['mfu']:.1f}%"
+    return s
+
+
+# -----------------------------------------------------------------------------
+# Small JSON/JSONL readers that say which line is wrong
+
+def read_jsonl(path):
+    if not os.path.exists(path):
+        raise UserError(f"file {path} not found")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path} line {i}: malformed JSON ({e.msg}); fix or delete that line")
+    return rows
+
+
+def read_json(path):
+    if not os.path.exists(path):
+        raise UserError(f"file {path} not found")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} line {e.lineno}: malformed JSON ({e.msg})")

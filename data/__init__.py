@@ -1,0 +1,1 @@
+"""Data for Dreaming Out Loud: the generated world (world.py)."""

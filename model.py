@@ -1,0 +1,482 @@
+"""
+The model, in one file: a LLaMA-style decoder, a small ViT, a projector, and the
+vision-language model (VLM) that glues them together, plus KV-cache generation.
+
+Read top to bottom:
+  RMSNorm -> rotary embeddings -> Attention -> SwiGLU -> Block -> Decoder (+ generate)
+  ViT -> Projector -> VLM
+Shapes: B batch, T time (tokens), P image-prefix tokens, C/D model width, H heads, hd head dim.
+"""
+import math
+from dataclasses import dataclass, asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# -----------------------------------------------------------------------------
+# Building blocks
+
+class RMSNorm(nn.Module):
+    """LLaMA's norm: rescale by the root-mean-square, no mean subtraction, no bias."""
+
+    def __init__(self, dim, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # x * rsqrt(mean(x^2) + eps) * weight, as one fused kernel where torch has one
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def rope_tables(head_dim, max_len, theta=10000.0):
+    """cos/sin tables for rotary embeddings: (max_len, head_dim/2) each."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    angles = torch.outer(torch.arange(max_len).float(), inv_freq)  # (max_len, hd/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs (x1[i], x2[i]) of the two halves of each head by a position-dependent angle.
+    x: (B, H, T, hd); cos, sin: broadcastable to (B, 1, T, hd/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model, n_head, bias=False):
+        super().__init__()
+        assert d_model % n_head == 0, "d_model must be divisible by n_head"
+        self.n_head = n_head
+        self.qkv = nn.Linear(d_model, 3 * d_model, bias=bias)  # one matmul for q, k and v
+        self.proj = nn.Linear(d_model, d_model, bias=bias)
+
+    def forward(self, x, rope=None, mask=None, causal=False, cache=None):
+        B, T, C = x.shape
+        H = self.n_head
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q = q.view(B, T, H, C // H).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(B, T, H, C // H).transpose(1, 2)
+        v = v.view(B, T, H, C // H).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            # write this step's keys/values into the preallocated cache, attend over all so far
+            k, v = cache.update(k, v)
+        # is_causal only for square self-attention (training); everything else gets an explicit mask
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.proj(y)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d_model, hidden, bias=False):
+        super().__init__()
+        self.gate_up = nn.Linear(d_model, 2 * hidden, bias=bias)  # gate and up in one matmul
+        self.down = nn.Linear(hidden, d_model, bias=bias)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+def swiglu_hidden(d_model, multiple=32):
+    """LLaMA's FFN width: 2/3 of 4*d (so SwiGLU's 3 matrices cost what a 4*d MLP's 2 do), rounded up."""
+    h = int(8 * d_model / 3)
+    return multiple * ((h + multiple - 1) // multiple)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block, shared by the decoder (causal, RoPE) and the ViT (bidirectional)."""
+
+    def __init__(self, d_model, n_head, eps=1e-5):
+        super().__init__()
+        self.norm1 = RMSNorm(d_model, eps)
+        self.attn = Attention(d_model, n_head)
+        self.norm2 = RMSNorm(d_model, eps)
+        self.mlp = SwiGLU(d_model, swiglu_hidden(d_model))
+
+    def forward(self, x, rope=None, mask=None, causal=False, cache=None):
+        x = x + self.attn(self.norm1(x), rope, mask, causal, cache)
+        return x + self.mlp(self.norm2(x))
+
+
+def init_weights(module, n_layer):
+    """nanoGPT/GPT-2 init: N(0, 0.02) everywhere, residual output projections scaled by 1/sqrt(2L)
+    so the residual stream's variance does not grow with depth."""
+    for name, p in module.named_parameters():
+        if p.dim() < 2:
+            continue  # norms start at 1, biases at 0 (set by their constructors)
+        std = 0.02
+        if name.endswith("attn.proj.weight") or name.endswith("mlp.down.weight"):
+            std = 0.02 / math.sqrt(2 * n_layer)
+        nn.init.normal_(p, mean=0.0, std=std)
+
+
+# -----------------------------------------------------------------------------
+# Decoder
+
+@dataclass
+class DecoderConfig:
+    vocab_size: int = 512
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 192
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: (L, B, H, T_max, hd). `pos` is how many are filled."""
+
+    def __init__(self, cfg, batch_size, max_len, device, dtype):
+        hd = cfg.d_model // cfg.n_head
+        shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, hd)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0
+        self.layer = 0
+
+    def update(self, k, v):
+        T = k.size(2)
+        self.k[self.layer, :, :, self.pos:self.pos + T] = k
+        self.v[self.layer, :, :, self.pos:self.pos + T] = v
+        k_all = self.k[self.layer, :, :, :self.pos + T]
+        v_all = self.v[self.layer, :, :, :self.pos + T]
+        self.layer += 1
+        return k_all, v_all
+
+    def advance(self, T):
+        """Called once per forward, after all layers wrote T new positions."""
+        self.pos += T
+        self.layer = 0
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_head, cfg.norm_eps) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        init_weights(self, cfg.n_layer)
+        if cfg.tie_embeddings:
+            self.head.weight = self.tok_emb.weight  # one matrix for reading and writing tokens
+        cos, sin = rope_tables(cfg.d_model // cfg.n_head, cfg.max_seq_len, cfg.rope_theta)
+        # non-persistent: recomputed from the config, never stored in checkpoints
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def num_params(self, non_embedding=True):
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.tok_emb.weight.numel()
+            if not self.cfg.tie_embeddings:
+                n -= 0  # an untied head is a real matmul per token: keep it
+        return n
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token (forward + backward), PaLM appendix B style:
+        6 * (matmul params, the LM head included) + 12 * L * d * T for attention scores and values."""
+        cfg = self.cfg
+        n_matmul = self.num_params(non_embedding=True)
+        if cfg.tie_embeddings:
+            n_matmul += self.tok_emb.weight.numel()  # tied head still costs a d x V matmul
+        return 6 * n_matmul + 12 * cfg.n_layer * cfg.d_model * seq_len
+
+    def rope_at(self, positions):
+        """positions: (T,) shared by the batch, or (B, T) per row -> cos, sin shaped (B|1, 1, T, hd/2)."""
+        if positions.max() >= self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {int(positions.max()) + 1} positions exceeds max_seq_len={self.cfg.max_seq_len}")
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        if positions.dim() == 1:
+            return cos[None, None], sin[None, None]
+        return cos[:, None], sin[:, None]
+
+    def forward(self, idx, targets=None, prefix=None, positions=None, mask=None, cache=None):
+        """idx: (B, T) token ids. prefix: optional (B, P, D) embeddings placed before the tokens
+        (image tokens); they get no logits and so never carry loss. targets: (B, T) ids aligned
+        with idx (the next token of each position), -1 where no loss is wanted.
+        Returns (logits for the T token positions, mean loss or None)."""
+        x = self.tok_emb(idx)  # (B, T, D)
+        if prefix is not None:
+            x = torch.cat([prefix.to(x.dtype), x], dim=1)  # (B, P+T, D)
+        S = x.size(1)
+        start = 0 if cache is None else cache.pos  # tokens already in the cache come first
+        if positions is None:
+            positions = torch.arange(start, start + S, device=x.device)
+        rope = self.rope_at(positions)
+        causal = mask is None and start == 0  # square attention (training, or a prefill): is_causal
+        if mask is None and start > 0 and S > 1:
+            # a chunk after a filled cache: query i (absolute position start+i) sees keys 0..start+i
+            mask = torch.arange(start + S, device=x.device)[None, :] <= torch.arange(start, start + S, device=x.device)[:, None]
+        for block in self.blocks:
+            x = block(x, rope, mask, causal, cache)
+        if cache is not None:
+            cache.advance(S)
+        if prefix is not None:
+            x = x[:, prefix.size(1):]  # (B, T, D): only token positions predict tokens
+        x = self.norm(x)
+        if targets is None:
+            return self.head(x[:, -1:]).float(), None  # inference: only the last position is needed
+        logits = self.head(x).float()
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    def all_logits(self, idx, prefix=None):
+        """Logits at every token position (for scoring sentences and tests), no loss."""
+        x = self.tok_emb(idx)
+        if prefix is not None:
+            x = torch.cat([prefix.to(x.dtype), x], dim=1)
+        rope = self.rope_at(torch.arange(x.size(1), device=x.device))
+        for block in self.blocks:
+            x = block(x, rope, None, True, None)
+        if prefix is not None:
+            x = x[:, prefix.size(1):]
+        return self.head(self.norm(x)).float()
+
+    @torch.no_grad()
+    def generate(self, prompts, max_new_tokens, temperature=0.0, top_k=None, eos_id=None,
+                 prefix=None, use_cache=True, generator=None):
+        """Batched generation. prompts: list of B lists of token ids (lengths may differ).
+        prefix: optional (B, P, D) embeddings (image tokens) placed before each prompt.
+        temperature 0 is greedy. Returns a list of B lists of new token ids (stopping at eos_id,
+        which is not included).
+
+        Layout of row b: [pads][prefix][prompt b][new tokens]. Prompts are left-padded so every
+        row's next token lands in the same column; pads are masked out of attention and each row's
+        positions (for RoPE) start at 0 at its first real entry, so padding changes nothing."""
+        device = self.tok_emb.weight.device
+        B = len(prompts)
+        P = 0 if prefix is None else prefix.size(1)
+        lens = torch.tensor([len(p) for p in prompts], device=device)
+        if int(lens.min()) < 1 and prefix is None:
+            raise ValueError("every prompt needs at least one token (e.g. BOS) when there is no prefix")
+        L = int(lens.max())
+        pad = L - lens  # (B,) left pads per row
+        idx = torch.zeros(B, L, dtype=torch.long, device=device)
+        for b, p in enumerate(prompts):
+            if len(p):
+                idx[b, L - len(p):] = torch.tensor(p, device=device)
+        S0 = P + L  # columns before the first new token
+        total = S0 + max_new_tokens
+        if total > self.cfg.max_seq_len:
+            raise ValueError(f"prompt + prefix + max_new_tokens = {total} exceeds max_seq_len={self.cfg.max_seq_len}")
+        # prefix goes after the pads: build the full prefix-region embeddings row by row
+        cols = torch.arange(total, device=device)
+        positions = (cols[None, :] - pad[:, None]).clamp(min=0)  # (B, total)
+        real = cols[None, :] >= pad[:, None]  # (B, total) key is a real entry, not a pad
+        # mask[b, 0, i, j]: query column i may see key column j
+        mask = (cols[None, :, None] >= cols[None, None, :]) & real[:, None, :]  # (B, total, total)
+        # a pad query sees itself only: its row stays finite (an all-masked row would give NaN)
+        mask = mask | torch.eye(total, dtype=torch.bool, device=device)[None]
+        mask = mask[:, None]  # (B, 1, total, total)
+
+        def embed_start():
+            x = self.tok_emb(idx)  # (B, L, D)
+            if prefix is None:
+                return x
+            # move each row's pads in front of its prefix: [pads][prefix][prompt]
+            full = torch.cat([prefix.to(x.dtype), x], dim=1)  # (B, P+L, D) = [prefix][pads][prompt]
+            out = torch.empty_like(full)
+            for b in range(B):
+                n = int(pad[b])
+                out[b, :n] = full[b, P:P + n]
+                out[b, n:n + P] = full[b, :P]
+                out[b, n + P:] = full[b, P + n:]
+            return out
+
+        out = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        x0 = embed_start()  # (B, S0, D)
+        if use_cache:
+            dtype = x0.dtype
+            cache = KVCache(self.cfg, B, total, device, dtype)
+        new_tokens = torch.empty(B, 0, dtype=torch.long, device=device)
+        for t in range(max_new_tokens):
+            S = S0 + t
+            if use_cache:
+                if t == 0:
+                    x, q_cols = x0, slice(0, S)  # prefill all columns at once
+                else:
+                    x, q_cols = self.tok_emb(new_tokens[:, -1:]), slice(S - 1, S)
+            else:
+                x = torch.cat([x0, self.tok_emb(new_tokens)], dim=1)  # recompute everything
+                q_cols = slice(0, S)
+            m = mask[:, :, q_cols, :S]
+            rope = self.rope_at(positions[:, q_cols])
+            h = x
+            for block in self.blocks:
+                h = block(h, rope, m, False, cache if use_cache else None)
+            if use_cache:
+                cache.advance(h.size(1))
+            logits = self.head(self.norm(h[:, -1])).float()  # (B, V)
+            nxt = sample(logits, temperature, top_k, generator)  # (B,)
+            if eos_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
+            new_tokens = torch.cat([new_tokens, nxt[:, None]], dim=1)
+            for b in range(B):
+                if not done[b] and (eos_id is None or int(nxt[b]) != eos_id):
+                    out[b].append(int(nxt[b]))
+            if eos_id is not None:
+                done |= nxt == eos_id
+                if bool(done.all()):
+                    break
+        return out
+
+
+def sample(logits, temperature=0.0, top_k=None, generator=None):
+    """logits (B, V) -> next ids (B,). temperature 0 = greedy (argmax)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# -----------------------------------------------------------------------------
+# Vision: a small ViT trained from scratch, and a projector into the decoder's width
+
+@dataclass
+class ViTConfig:
+    image_size: int = 32
+    patch_size: int = 4
+    n_layer: int = 3
+    n_head: int = 4
+    d_model: int = 128
+    merge: int = 2  # projector merges merge x merge neighbouring patches into one decoder token
+    norm_eps: float = 1e-5
+
+
+def sincos_2d(d_model, grid):
+    """Fixed 2-D sin/cos position embedding (grid*grid, d_model): half the channels encode the row,
+    half the column, so nearby patches get similar codes from the first step."""
+    assert d_model % 4 == 0, "ViT d_model must be divisible by 4"
+    quarter = d_model // 4
+    omega = 1.0 / (10000 ** (torch.arange(quarter).float() / quarter))
+    coords = torch.arange(grid).float()
+    ys, xs = torch.meshgrid(coords, coords, indexing="ij")
+    parts = []
+    for c in (ys.flatten(), xs.flatten()):
+        ang = torch.outer(c, omega)  # (grid*grid, d/4)
+        parts += [ang.sin(), ang.cos()]
+    return torch.cat(parts, dim=1)  # (grid*grid, d)
+
+
+class ViT(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        assert cfg.image_size % cfg.patch_size == 0, "image_size must be a multiple of patch_size"
+        self.cfg = cfg
+        self.grid = cfg.image_size // cfg.patch_size
+        # a strided conv is exactly "cut into patches, flatten, linear layer"
+        self.patch = nn.Conv2d(3, cfg.d_model, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_head, cfg.norm_eps) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        init_weights(self, cfg.n_layer)
+        self.register_buffer("pos", sincos_2d(cfg.d_model, self.grid), persistent=False)
+
+    def forward(self, images):
+        """images: (B, H, W, 3) uint8 -> patch features (B, grid*grid, d_model)."""
+        x = images.permute(0, 3, 1, 2).float()  # (B, 3, H, W)
+        x = (x / 255.0 - 0.5) / 0.25  # roughly zero-mean, unit-variance pixels
+        x = x.to(self.patch.weight.dtype)
+        x = self.patch(x)  # (B, D, grid, grid)
+        x = x.flatten(2).transpose(1, 2)  # (B, grid*grid, D)
+        x = x + self.pos.to(x.dtype)
+        for block in self.blocks:
+            x = block(x)  # bidirectional: every patch sees every patch
+        return self.norm(x)
+
+    def flops_per_image(self):
+        n = sum(p.numel() for p in self.blocks.parameters()) + self.patch.weight.numel()
+        T = self.grid * self.grid
+        return T * (6 * n + 12 * self.cfg.n_layer * self.cfg.d_model * T)
+
+
+class Projector(nn.Module):
+    """Merge each merge x merge group of patches (concatenate their features, as in pixel-shuffle
+    projectors) and map to the decoder width with a 2-layer MLP. Fewer image tokens = cheaper decoder."""
+
+    def __init__(self, vit_cfg: ViTConfig, d_out):
+        super().__init__()
+        self.m = vit_cfg.merge
+        self.grid = vit_cfg.image_size // vit_cfg.patch_size
+        assert self.grid % self.m == 0, "patch grid must be divisible by merge"
+        d_in = vit_cfg.d_model * self.m * self.m
+        self.fc1 = nn.Linear(d_in, d_out)
+        self.fc2 = nn.Linear(d_out, d_out)
+        nn.init.normal_(self.fc1.weight, std=0.02)
+        nn.init.normal_(self.fc2.weight, std=0.02)
+        nn.init.zeros_(self.fc1.bias)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, x):
+        B, N, D = x.shape
+        g, m = self.grid, self.m
+        x = x.view(B, g // m, m, g // m, m, D)  # (B, rows, m, cols, m, D)
+        x = x.permute(0, 1, 3, 2, 4, 5).reshape(B, (g // m) ** 2, m * m * D)  # (B, P, m*m*D)
+        return self.fc2(F.gelu(self.fc1(x)))  # (B, P, d_out)
+
+    def num_tokens(self):
+        return (self.grid // self.m) ** 2
+
+
+class VLM(nn.Module):
+    """Image -> ViT -> projector -> prefix of the decoder. Loss only on the text tokens."""
+
+    def __init__(self, dec_cfg: DecoderConfig, vit_cfg: ViTConfig):
+        super().__init__()
+        self.decoder = Decoder(dec_cfg)
+        self.vit = ViT(vit_cfg)
+        self.projector = Projector(vit_cfg, dec_cfg.d_model)
+
+    def encode_images(self, images):
+        """(B, H, W, 3) uint8 -> (B, P, D) decoder-width image tokens."""
+        return self.projector(self.vit(images))
+
+    def forward(self, images, idx, targets=None):
+        return self.decoder(idx, targets, prefix=self.encode_images(images))
+
+    def all_logits(self, images, idx):
+        return self.decoder.all_logits(idx, prefix=self.encode_images(images))
+
+    @torch.no_grad()
+    def generate(self, images, prompts, max_new_tokens, **kw):
+        """Caption or answer for a batch of images: the image prefix is prefilled once into the cache."""
+        return self.decoder.generate(prompts, max_new_tokens, prefix=self.encode_images(images), **kw)
+
+    def flops_per_sample(self, text_len):
+        """Training FLOPs for one image + text_len tokens (ViT + projector + decoder)."""
+        P = self.projector.num_tokens()
+        proj = 6 * P * sum(p.numel() for p in self.projector.parameters())
+        return self.vit.flops_per_image() + proj + (P + text_len) * self.decoder.flops_per_token(P + text_len)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoint helpers: a checkpoint stores plain dicts, so rebuild the model from them
+
+def build_model(ckpt):
+    """Rebuild a Decoder or VLM from a checkpoint dict (as loaded with weights_only=True)."""
+    dec_cfg = DecoderConfig(**ckpt["decoder_config"])
+    if ckpt.get("vit_config"):
+        model = VLM(dec_cfg, ViTConfig(**ckpt["vit_config"]))
+    else:
+        model = Decoder(dec_cfg)
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+def config_dicts(model):
+    """(decoder_config, vit_config or None) as plain dicts for saving."""
+    if isinstance(model, VLM):
+        return asdict(model.decoder.cfg), asdict(model.vit.cfg)
+    return asdict(model.cfg), None

@@ -1,0 +1,271 @@
+"""
+Phase 1: language from scratch.
+
+A LLaMA-style decoder learns to predict the next token of child-directed text: by default the
+built-in world's phase 1 corpus (no images, and some parts of the world deliberately never named),
+or any BabyLM-format folder (--data_dir). Writes out/phase1/best.pt (lowest val loss), which
+phase 2 starts from, and out/phase1/last.pt (for --resume).
+
+    python phase1_text.py                    # built-in world, auto device
+    python phase1_text.py --device cuda --compile
+    python phase1_text.py --data_dir ../shared/data/babylm_text --out_dir out_babylm
+    torchrun --nproc_per_node=2 phase1_text.py --device cpu   # DDP, same global batch
+"""
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common import (UserError, add_run_args, check_finite, check_range, cleanup, cli, fmt_speed,
+                    load_checkpoint, lr_at, make_optimizer, Meter, rng_state, save_checkpoint, set_lr,
+                    set_rng_state, setup, StopFlag, wrap_model, all_reduce_mean)
+from data.text import read_babylm_folder, read_lines, tokenize_lines, unigram_entropy
+from model import Decoder, DecoderConfig, config_dicts
+from tokenizer import BOS, EOS, load_tokenizer, train_tokenizer
+
+PHASE = "phase1"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # data
+    p.add_argument("--data_dir", default="", help="BabyLM-format folder of *.train files; empty = built-in world")
+    p.add_argument("--world_dir", default="data/world", help="where the built-in world is (built if missing)")
+    p.add_argument("--vocab_size", type=int, default=0, help="0 = 512 for the world, 4096 for BabyLM text")
+    # model
+    p.add_argument("--n_layer", type=int, default=4)
+    p.add_argument("--n_head", type=int, default=4)
+    p.add_argument("--d_model", type=int, default=192)
+    p.add_argument("--seq_len", type=int, default=128)
+    p.add_argument("--untied", action="store_true", help="separate output head instead of tied embeddings")
+    # optimisation
+    p.add_argument("--batch_size", type=int, default=32, help="sequences per micro-step, summed over all ranks")
+    p.add_argument("--grad_accum", type=int, default=1)
+    p.add_argument("--max_steps", type=int, default=1200)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=60)
+    p.add_argument("--min_lr_frac", type=float, default=0.1)
+    p.add_argument("--weight_decay", type=float, default=0.1)
+    p.add_argument("--grad_clip", type=float, default=1.0)
+    # evaluation / logging
+    p.add_argument("--eval_interval", type=int, default=200)
+    p.add_argument("--eval_iters", type=int, default=20)
+    p.add_argument("--log_interval", type=int, default=50)
+    add_run_args(p, PHASE)
+    args = p.parse_args(argv)
+    for name, lo in [("n_layer", 1), ("n_head", 1), ("d_model", 8), ("seq_len", 8), ("batch_size", 1),
+                     ("grad_accum", 1), ("max_steps", 1), ("warmup", 0), ("eval_interval", 1),
+                     ("eval_iters", 1), ("log_interval", 1), ("vocab_size", 0)]:
+        check_range(name, getattr(args, name), lo=lo)
+    check_range("lr", args.lr, lo=0, lo_open=True)
+    check_range("min_lr_frac", args.min_lr_frac, lo=0, hi=1)
+    check_range("weight_decay", args.weight_decay, lo=0)
+    check_range("grad_clip", args.grad_clip, lo=0)
+    if args.d_model % args.n_head or (args.d_model // args.n_head) % 2:
+        raise UserError(f"--d_model={args.d_model} must be divisible by --n_head={args.n_head} into an even head size")
+    if args.vocab_size and args.vocab_size < 260:
+        raise UserError(f"--vocab_size={args.vocab_size} is too small: byte fallback needs at least 260")
+    return args
+
+
+def prepare_data(args, run):
+    """Text lines -> tokenizer (trained once, saved in out_dir) -> token streams (.npy, memory-mapped).
+    Only rank 0 writes; the other ranks wait and read."""
+    os.makedirs(args.out_dir, exist_ok=True)
+    tok_path = os.path.join(args.out_dir, "tokenizer.model")
+    source = os.path.abspath(args.data_dir) if args.data_dir else "world:" + os.path.abspath(args.world_dir)
+    vocab = args.vocab_size or (4096 if args.data_dir else 512)
+    key = hashlib.sha1(f"{source}|{vocab}".encode()).hexdigest()[:10]
+    tok_dir = os.path.join(args.out_dir, "tokens")
+    train_path, val_path = (os.path.join(tok_dir, f"phase1_{key}_{s}.npy") for s in ("train", "val"))
+    info_path = os.path.join(args.out_dir, "data.json")
+    if run.master and not (os.path.exists(train_path) and os.path.exists(val_path) and os.path.exists(tok_path)):
+        if args.data_dir:
+            train_lines, val_lines = read_babylm_folder(args.data_dir)
+            tok_lines = train_lines
+        else:
+            from data.world import ensure_built
+            ensure_built(args.world_dir)
+            train_lines = read_lines(os.path.join(args.world_dir, "text_train.txt"))
+            val_lines = read_lines(os.path.join(args.world_dir, "text_val.txt"))
+            # the tokenizer also sees the caption/QA text later phases use, so every word of the
+            # world is a piece from the start (the model itself only sees phase 1 text here)
+            tok_lines = train_lines + world_extra_text(args.world_dir)
+        if os.path.exists(tok_path) and os.path.exists(info_path) and read_info(info_path).get("source") == source:
+            sp = load_tokenizer(tok_path)
+        else:
+            print(f"training a {vocab}-piece BPE tokenizer on {len(tok_lines):,} lines -> {tok_path}")
+            sp = train_tokenizer(tok_lines, tok_path, vocab)
+        tokenize_lines(train_lines, sp, train_path, BOS, EOS)
+        tokenize_lines(val_lines, sp, val_path, BOS, EOS)
+        with open(info_path, "w") as f:
+            json.dump({"source": source, "vocab_size": sp.get_piece_size(), "world_dir": args.world_dir,
+                       "data_dir": args.data_dir}, f, indent=1)
+    if run.ddp:
+        import torch.distributed as dist
+        dist.barrier()
+    if run.master and os.path.exists(info_path) and read_info(info_path).get("source") != source:
+        raise UserError(f"{args.out_dir} already holds a tokenizer for {read_info(info_path).get('source')}; "
+                        "use another --out_dir for a different corpus")
+    sp = load_tokenizer(tok_path)
+    train = np.load(train_path, mmap_mode="r")
+    val = np.load(val_path, mmap_mode="r")
+    if len(train) <= args.seq_len + 1 or len(val) <= args.seq_len + 1:
+        raise UserError(f"corpus too small for --seq_len={args.seq_len}: {len(train)} train / {len(val)} val tokens")
+    return sp, tok_path, train, val
+
+
+def read_info(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def world_extra_text(world_dir):
+    lines = []
+    for split in ("caption_train", "vqa_train"):
+        path = os.path.join(world_dir, f"{split}.jsonl")
+        with open(path) as f:
+            for row in f:
+                lines += json.loads(row)["captions"]
+    with open(os.path.join(world_dir, "vqa_train.jsonl")) as f:
+        for row in f:
+            qa = json.loads(row)
+            lines.append(f"{qa['question']} {qa['answer']}")
+    return lines
+
+
+def get_batch(stream, batch_size, seq_len, gen, run):
+    """Random windows of seq_len+1 tokens from the packed stream. Every rank draws the same global
+    batch (same generator) and keeps its own rows, so N ranks = one process with the same batch."""
+    starts = torch.randint(len(stream) - seq_len - 1, (batch_size,), generator=gen)
+    starts = starts[run.rank::run.world_size].numpy()
+    rows = np.stack([stream[s:s + seq_len + 1] for s in starts]).astype(np.int64)  # (b, T+1)
+    xy = torch.from_numpy(rows)
+    x, y = xy[:, :-1], xy[:, 1:]  # targets are the inputs shifted by one
+    if run.device_type == "cuda":
+        return x.pin_memory().to(run.device, non_blocking=True), y.pin_memory().to(run.device, non_blocking=True)
+    return x.to(run.device), y.to(run.device)
+
+
+@torch.no_grad()
+def evaluate(model, stream, args, run):
+    """Mean loss over the same eval_iters batches every time (own generator: training RNG untouched)."""
+    model.eval()
+    gen = torch.Generator().manual_seed(1234)
+    losses = []
+    for _ in range(args.eval_iters):
+        x, y = get_batch(stream, args.batch_size, args.seq_len, gen, run)
+        with run.autocast:
+            _, loss = model(x, y)
+        losses.append(loss.item())
+    model.train()
+    return all_reduce_mean(float(np.mean(losses)), run)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = setup(args)
+    if args.batch_size % run.world_size:
+        raise UserError(f"--batch_size={args.batch_size} must be divisible by the {run.world_size} processes")
+    out = os.path.join(args.out_dir, PHASE)
+    best_path, last_path = os.path.join(out, "best.pt"), os.path.join(out, "last.pt")
+
+    # ---- data and tokenizer
+    sp, tok_path, train, val = prepare_data(args, run)
+    vocab = sp.get_piece_size()
+    H_unigram = unigram_entropy(train, vocab)
+
+    # ---- model (fresh, or everything back from last.pt)
+    gen = torch.Generator().manual_seed(args.seed)  # the training data order
+    step, best_val = 0, float("inf")
+    if args.resume:
+        ckpt = load_checkpoint(last_path, PHASE, run_first="python phase1_text.py")
+        cfg = DecoderConfig(**ckpt["decoder_config"])
+        if cfg.vocab_size != vocab:
+            raise UserError(f"{last_path} has vocab {cfg.vocab_size} but {tok_path} has {vocab}; resume with the same --out_dir and data")
+    else:
+        cfg = DecoderConfig(vocab_size=vocab, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
+                            max_seq_len=args.seq_len, tie_embeddings=not args.untied)
+    model = Decoder(cfg).to(run.device)
+    optimizer = make_optimizer([(model.parameters(), args.lr)], args.weight_decay, (0.9, 0.95), run.device_type)
+    if args.resume:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"], {"data": gen})
+        step, best_val = ckpt["step"], ckpt["best_val"]
+        if run.master:
+            print(f"resumed from {last_path} at step {step} (best val {best_val:.4f})")
+    dmodel = wrap_model(model, run, args.compile)
+    flops_per_step = model.flops_per_token(args.seq_len) * args.seq_len * args.batch_size * args.grad_accum / run.world_size
+    if run.master:
+        print(f"device {run.device} x{run.world_size} | {model.num_params() / 1e6:.2f}M non-embedding params | "
+              f"vocab {vocab} | {len(train):,} train tokens | unigram entropy {H_unigram:.3f} nats/token")
+
+    def checkpoint(val_loss, with_optimizer):
+        d, _ = config_dicts(model)
+        obj = {"model": model.state_dict(), "decoder_config": d, "vit_config": None, "phase": PHASE,
+               "tokenizer": tok_path, "step": step, "val_loss": val_loss, "best_val": best_val, "args": vars(args)}
+        if with_optimizer:
+            obj["optimizer"] = optimizer.state_dict()
+            obj["rng"] = rng_state({"data": gen})
+        return obj
+
+    # ---- training loop
+    stop = StopFlag()
+    meter = Meter(run)
+    pbar = tqdm(total=args.max_steps, initial=step, disable=not run.master or args.quiet, desc=PHASE, dynamic_ncols=True)
+    val_loss = float("nan")
+    while True:
+        last_step = step == args.max_steps
+        if step % args.eval_interval == 0 or last_step:
+            val_loss = evaluate(dmodel, val, args, run)
+            if run.master:
+                tqdm.write(f"step {step} | val loss {val_loss:.4f} (unigram entropy {H_unigram:.4f})")
+                if val_loss < best_val:
+                    best_val = val_loss
+                    save_checkpoint(checkpoint(val_loss, False), best_path)
+                save_checkpoint(checkpoint(val_loss, True), last_path)
+            meter.reset()  # don't count eval time as training time
+        if last_step:
+            break
+
+        set_lr(optimizer, lr_at(step, 1.0, args.max_steps, args.warmup, args.min_lr_frac))
+        for micro in range(args.grad_accum):
+            x, y = get_batch(train, args.batch_size, args.seq_len, gen, run)
+            if run.ddp:  # only sync gradients on the last micro-step
+                dmodel.require_backward_grad_sync = micro == args.grad_accum - 1
+            with run.autocast:
+                _, loss = dmodel(x, y)
+            (loss / args.grad_accum).backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = loss.item()
+        check_finite(loss_value, step, out)
+        step += 1
+        meter.add(tokens=x.numel() * args.grad_accum, flops=flops_per_step)
+        pbar.update(1)
+        if run.master and step % args.log_interval == 0:
+            lr = optimizer.param_groups[0]["lr"]
+            tqdm.write(f"step {step} | loss {loss_value:.4f} | lr {lr:.2e} | {fmt_speed(meter.report())}")
+        if stop.stop:
+            if run.master:
+                save_checkpoint(checkpoint(val_loss, True), last_path)
+                tqdm.write(f"interrupted: saved {last_path} at step {step}; continue with --resume")
+            cleanup(run)
+            sys.exit(130 if stop.signum == 2 else 143)
+    pbar.close()
+    if run.master:
+        print(f"done: best val loss {best_val:.4f} nats/token vs unigram entropy {H_unigram:.4f} -> {best_path}")
+    cleanup(run)
+
+
+if __name__ == "__main__":
+    cli(main)

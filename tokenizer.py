@@ -1,0 +1,57 @@
+"""
+The tokenizer: a sentencepiece BPE model with byte fallback, trained by this project on the text the
+model will see. Ids: 0 = pad, 1 = unk, 2 = bos, 3 = eos. It is stored next to the checkpoints
+(out_dir/tokenizer.model) and every checkpoint names its path.
+"""
+import io
+import os
+
+import sentencepiece as spm
+
+from common import UserError
+
+PAD, UNK, BOS, EOS = 0, 1, 2, 3
+
+
+def train_tokenizer(lines, model_path, vocab_size, max_lines=300_000):
+    """Train BPE on an iterable of text lines and write model_path (.model). Byte fallback means no
+    input is ever out of vocabulary; split_digits keeps numbers compositional."""
+    lines = [l for l in lines if l.strip()]
+    if not lines:
+        raise UserError("no text to train the tokenizer on: the corpus is empty")
+    if len(lines) > max_lines:  # an even subsample is plenty for a small vocabulary
+        step = len(lines) / max_lines
+        lines = [lines[int(i * step)] for i in range(max_lines)]
+    os.makedirs(os.path.dirname(model_path) or ".", exist_ok=True)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
+        pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS, byte_fallback=True, split_digits=True,
+        character_coverage=1.0, hard_vocab_limit=False, num_threads=os.cpu_count() or 1,
+        max_sentence_length=1 << 14, minloglevel=2,
+    )
+    tmp = model_path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(buf.getvalue())
+    os.replace(tmp, model_path)
+    return load_tokenizer(model_path)
+
+
+def load_tokenizer(model_path):
+    if not os.path.exists(model_path):
+        raise UserError(f"tokenizer {model_path} not found; run `python phase1_text.py` first (it trains one)")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.load(model_path)
+    except Exception:
+        raise UserError(f"{model_path} is not a sentencepiece model")
+    return sp
+
+
+def encode(sp, text, bos=True, eos=True):
+    ids = sp.encode(text)
+    return ([BOS] if bos else []) + ids + ([EOS] if eos else [])
+
+
+def decode(sp, ids):
+    return sp.decode([i for i in ids if i > EOS])
