@@ -213,7 +213,7 @@ def _shape_points(shape, cx, cy, r):
 
 
 def render(scene, size=32):
-    """Scene dict -> (size, size, 3) uint8. Drawn at 4x and downsampled, which antialiases the edges."""
+    """Scene dict -> (size, size, 3) uint8. Drawn at 4x and box-downsampled (each pixel = mean of 4x4), which antialiases the edges."""
     big = size * 4
     img = Image.new("RGB", (big, big), tuple(scene["background"]))
     draw = ImageDraw.Draw(img)
@@ -223,7 +223,7 @@ def render(scene, size=32):
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
         else:
             draw.polygon(_shape_points(o["shape"], cx, cy, r), fill=fill)
-    arr = np.asarray(img.resize((size, size), Image.LANCZOS), dtype=np.int16)
+    arr = np.asarray(img.resize((size, size), Image.BOX), dtype=np.int16)
     # light sensor-like noise; seeded from the scene so rendering stays a pure function
     noise = np.random.default_rng(scene["noise_seed"]).integers(-scene["noise"], scene["noise"] + 1, arr.shape)
     return np.clip(arr + noise, 0, 255).astype(np.uint8)
@@ -530,8 +530,9 @@ def _nom(t, i, number):
     return i + 1, desc
 
 
-def _np(t, i, kinds, number=None, nested=False):
+def _np(t, i, kinds, number=None, mods=("pp", "rel")):
     """Determiner + nominal + optional modifier (a place, or a relation to another noun phrase).
+    mods: which modifiers may attach; fewer lets 'is the circle left of ... ?' leave them to the predicate.
     -> (i, node) or None. node: {"number", "kind", "quant", "desc"}."""
     if i >= len(t) or t[i] not in _DETS:
         return None
@@ -555,15 +556,15 @@ def _np(t, i, kinds, number=None, nested=False):
         quant = ("eq", 1) if num == "sg" else ("ge", 2)
     for pos, words in _PP:
         k = _match(t, j, words)
-        if k is not None:
+        if k is not None and "pp" in mods:
             desc["pos"], j = pos, k
             break
     else:
-        if not nested:
+        if "rel" in mods:
             for rel, words in _RELS:
                 k = _match(t, j, words)
                 if k is not None:
-                    r = _np(t, k, ("indef", "num", "def"), "sg", nested=True)
+                    r = _np(t, k, ("indef", "num", "def"), "sg", mods=("pp",))
                     if r is not None:
                         j, desc["rel"] = r[0], (rel, r[1])
                     break
@@ -604,7 +605,7 @@ def _pred(t, i):
     for rel, words in _RELS:
         k = _match(t, i, words)
         if k is not None:
-            r = _np(t, k, ("indef", "num", "def"), "sg", nested=True)
+            r = _np(t, k, ("indef", "num", "def"), "sg", mods=("pp",))
             return r and (r[0], {"desc": {"rel": (rel, r[1])}, "neg": False})
     return None
 
@@ -650,13 +651,14 @@ def _sentence(t):
                 cs = [claim(x) for x in r[1]]
                 return cs, (cs[0] if len(cs) == 1 else None), None
             return None
-        r = _np(b, 0, ("def",))
-        if r is not None and r[0] < n and b[r[0]] in _VERB:   # the circle is red .
-            node = r[1]
-            p = _pred(b, r[0] + 1)
-            if _VERB[b[r[0]]] == node["number"] and full(p):
-                c = claim(node, [p[1]])
-                return [c], c, None
+        for mods in (("pp", "rel"), ("pp",)):   # the circle is red .
+            r = _np(b, 0, ("def",), mods=mods)
+            if r is not None and r[0] < n and b[r[0]] in _VERB:
+                p = _pred(b, r[0] + 1)
+                if _VERB[b[r[0]]] == r[1]["number"] and full(p):
+                    c = claim(r[1], [p[1]])
+                    return [c], c, None
+        if b[:1] and b[0] in ("the", "this", "that", "these", "those"):
             return None
         r = _np(b, 0, _INDEF)
         if r is not None and r[0] < n and b[r[0]] == ":":   # two objects : a ... and a ... .
@@ -706,10 +708,11 @@ def _sentence(t):
                 if full(r2):
                     return [claim(r1[1]), claim(r2[1])], None, None
             return None
-        if b[:1] and b[0] in _VERB:   # is the red circle big ?
-            r = _np(b, 1, ("def",), _VERB[b[0]])
-            if r is not None and full(_pred(b, r[0])):
-                return [claim(r[1])], None, None
+        if b[:1] and b[0] in _VERB:   # is the red circle big ? / is the red circle left of the star ?
+            for mods in (("pp", "rel"), ("pp",), ()):
+                r = _np(b, 1, ("def",), _VERB[b[0]], mods=mods)
+                if r is not None and full(_pred(b, r[0])):
+                    return [claim(r[1])], None, None
         return None
     return None
 
@@ -956,16 +959,13 @@ def _minimal_pair(paradigm, rng, heldout):
         k = t.index(shape)   # swap the noun with the word after it
         return t, t[:k] + [t[k + 1], t[k]] + t[k + 2:]
     if paradigm == "article_an":
-        if heldout:
-            color, shape = rng.choice(sorted(HELDOUT_COMBOS))
-        sz = [size] if rng.random() < 0.3 else []
-        if color != "orange" and rng.random() < 0.5 and not sz:
-            color = "orange" if not heldout else color
-            if heldout and ("orange", "square") in HELDOUT_COMBOS and rng.random() < 0.5:
-                color, shape = "orange", "square"
-        good = (["there", "is"] if frame else ["look", ","]) + [noun_phrase("a", *sz, color, shape)] + \
-               (["."] if frame else ["!"])
-        t = " ".join(good).split()
+        sz = rng.choice([None, size])
+        if rng.random() < 0.5:   # a vowel-initial adjective: "an orange star" / "an orange square" (held out)
+            sz = None
+            color = "orange"
+            shape = "square" if heldout else rng.choice([x for x in SHAPES if ("orange", x) not in HELDOUT_COMBOS])
+        np_ = noun_phrase("a", size=sz, color=color, shape=shape)
+        t = (f"there is {np_} ." if frame else f"look , {np_} !").split()
         k = t.index("a") if "a" in t else t.index("an")
         return t, t[:k] + ["an" if t[k] == "a" else "a"] + t[k + 1:]
     raise ValueError(paradigm)
@@ -1092,61 +1092,94 @@ def vocabulary():
     return sorted(words)
 
 
+def _text_chunk(job):
+    """Lines [lo, hi) of a text split. Phase 1 text: scenes without held-out pairs, talked about without
+    held-out words. descriptions_test: test-bucket scenes, every other one with a held-out pair in it."""
+    seed, split, lo, hi = job
+    lines = []
+    for i in range(lo, hi):
+        rng = _rng(seed, split, i)
+        if split == "descriptions_test":
+            b_lo, b_hi = IMAGE_SPLITS["caption_test"][1]
+            scene = sample_scene(rng, force_heldout=i % 2 == 1)
+            while not b_lo <= scene_bucket(scene) < b_hi:
+                scene = sample_scene(rng, force_heldout=i % 2 == 1)
+            lines.append(text_line(scene, rng, phase1=False))
+            continue
+        line = text_line(sample_scene(rng, allow_heldout=False), rng, phase1=True)
+        while mentions_heldout(line):   # safety net; the phase 1 generator should never get here
+            line = text_line(sample_scene(rng, allow_heldout=False), rng, phase1=True)
+        lines.append(line)
+    return lines
+
+
+def _image_chunk(job):
+    """Images [lo, hi) of an image split -> (uint8 images, jsonl lines of records, jsonl lines of questions)."""
+    seed, split, lo, hi, size = job
+    images = np.zeros((hi - lo, size, size, 3), np.uint8)
+    records, qas = [], []
+    for i in range(lo, hi):
+        scene, rng = split_scene(seed, split, i)
+        images[i - lo] = render(scene, size)
+        records.append(json.dumps({"id": i, "scene": scene, "captions": describe(scene, rng)}))
+        if split.startswith("vqa"):
+            qas += [json.dumps(dict(image=i, **q)) for q in make_questions(scene, rng)]
+    return images, records, qas
+
+
+def _run_jobs(fn, jobs, bar, pool):
+    """Results of fn over jobs, in order; in parallel when a pool is given (results do not depend on it)."""
+    results = pool.imap(fn, jobs) if pool else map(fn, jobs)
+    for job, r in zip(jobs, results):
+        bar.update(job[3] - job[2])
+        yield r
+
+
 def build(out_dir, seed=0, scale=1.0, size=32, progress=True):
     """Write the whole world into out_dir (see data/WORLD.md for the files)."""
     from tqdm import tqdm
-    if scale <= 0 or size < 16:
+    if not scale > 0 or size < 16:
         raise ValueError("scale must be > 0 and size >= 16")
     os.makedirs(out_dir, exist_ok=True)
-    counts = {name: _count(n, scale) for name, (n, _) in IMAGE_SPLITS.items()}
-    counts.update({name: _count(n, scale) for name, n in TEXT_COUNTS.items()})
+    counts = {name: _count(n, scale) for name, n in TEXT_COUNTS.items()}
+    counts.update({name: _count(n, scale) for name, (n, _) in IMAGE_SPLITS.items()})
     bar = tqdm(total=sum(counts.values()), desc="building world", unit="item", disable=not progress)
+    chunk = 500
 
-    # phase 1 text: scenes without held-out pairs, talked about without held-out words
-    for split in ("text_train", "text_val"):
-        lines = []
-        for i in range(counts[split]):
-            rng = _rng(seed, split, i)
-            line = text_line(sample_scene(rng, allow_heldout=False), rng, phase1=True)
-            while mentions_heldout(line):   # safety net; the generator should never get here
-                line = text_line(sample_scene(rng, allow_heldout=False), rng, phase1=True)
-            lines.append(line)
-            bar.update()
-        _write_lines(os.path.join(out_dir, f"{split}.txt"), lines)
+    def jobs(split, *extra):
+        return [(seed, split, lo, min(lo + chunk, counts[split])) + extra for lo in range(0, counts[split], chunk)]
 
-    # descriptions of test scenes, the whole world; every other scene has a held-out pair in it
-    lines = []
-    for i in range(counts["descriptions_test"]):
-        rng = _rng(seed, "descriptions_test", i)
-        while True:
-            scene = sample_scene(rng, force_heldout=i % 2 == 1)
-            if IMAGE_SPLITS["caption_test"][1][0] <= scene_bucket(scene) < IMAGE_SPLITS["caption_test"][1][1]:
-                break
-        lines.append(text_line(scene, rng, phase1=False))
-        bar.update()
-    _write_lines(os.path.join(out_dir, "descriptions_test.txt"), lines)
-    _write_lines(os.path.join(out_dir, "descriptions_test_heldout.txt"), [x for x in lines if mentions_heldout(x)])
-
-    # image splits. For the vqa splits, vqa_{split}.jsonl holds the questions (one per line), so the per-image
-    # records go to vqa_{split}_scenes.jsonl instead of {split}.jsonl
-    sheet = None
-    for split in IMAGE_SPLITS:
-        images = np.zeros((counts[split], size, size, 3), np.uint8)
-        records, qas = [], []
-        for i in range(counts[split]):
-            scene, rng = split_scene(seed, split, i)
-            images[i] = render(scene, size)
-            records.append({"id": i, "scene": scene, "captions": describe(scene, rng)})
+    # worker processes only pay off for big builds; "spawn" is safe even if the caller has torch loaded
+    workers = min(os.cpu_count() or 1, 8)
+    pool = None
+    if workers > 1 and sum(counts.values()) > 20000:
+        import multiprocessing
+        pool = multiprocessing.get_context("spawn").Pool(workers)
+    try:
+        for split in TEXT_COUNTS:
+            lines = [x for part in _run_jobs(_text_chunk, jobs(split), bar, pool) for x in part]
+            _write_lines(os.path.join(out_dir, f"{split}.txt"), lines)
+            if split == "descriptions_test":
+                _write_lines(os.path.join(out_dir, "descriptions_test_heldout.txt"),
+                             [x for x in lines if mentions_heldout(x)])
+        # For the vqa splits, vqa_*.jsonl holds the questions (one per line), so their per-image records go to
+        # vqa_*_scenes.jsonl instead.
+        sheet = None
+        for split in IMAGE_SPLITS:
+            parts = list(_run_jobs(_image_chunk, jobs(split, size), bar, pool))
+            images = np.concatenate([p[0] for p in parts])
+            records = [x for p in parts for x in p[1]]
+            np.save(os.path.join(out_dir, f"{split}_images.npy"), images)
+            name = f"{split}_scenes.jsonl" if split.startswith("vqa") else f"{split}.jsonl"
+            _write_lines(os.path.join(out_dir, name), records)
             if split.startswith("vqa"):
-                qas += [dict(image=i, **q) for q in make_questions(scene, rng)]
-            bar.update()
-        np.save(os.path.join(out_dir, f"{split}_images.npy"), images)
-        name = f"{split}_scenes.jsonl" if split.startswith("vqa") else f"{split}.jsonl"
-        _write_lines(os.path.join(out_dir, name), [json.dumps(r) for r in records])
-        if split.startswith("vqa"):
-            _write_lines(os.path.join(out_dir, f"{split}.jsonl"), [json.dumps(q) for q in qas])
-        if split == "caption_val":
-            sheet = (images[:16], [r["captions"][0] for r in records[:16]])
+                _write_lines(os.path.join(out_dir, f"{split}.jsonl"), [x for p in parts for x in p[2]])
+            if split == "caption_val":
+                sheet = (images[:16], [json.loads(r)["captions"][0] for r in records[:16]])
+    finally:
+        if pool:
+            pool.close()
+            pool.join()
     bar.close()
 
     pairs = minimal_pairs(seed, scale)
