@@ -122,47 +122,52 @@ def relation_holds(rel, a, b):
     raise ValueError(rel)
 
 
-def _place(rng, objs, size):
-    """Pick a grid cell, then a point well inside it (so the position word is clear), away from other objects."""
-    r = RADIUS[size]
-    for _ in range(30):
-        row, col = rng.randrange(3), rng.randrange(3)
-        x = min(max((col + rng.uniform(0.15, 0.85)) / 3, r + 0.02), 1 - r - 0.02)
-        y = min(max((row + rng.uniform(0.15, 0.85)) / 3, r + 0.02), 1 - r - 0.02)
-        x, y = round(x, 3), round(y, 3)
-        if all(math.hypot(x - o["x"], y - o["y"]) >= 0.9 * (r + RADIUS[o["size"]]) for o in objs):
-            return x, y
-    return None
+def _jitter(rng, cell, r):
+    """A point well inside grid cell (row, col), so its position word is clear, and inside the image."""
+    row, col = cell
+    x = min(max((col + rng.uniform(0.15, 0.85)) / 3, r + 0.02), 1 - r - 0.02)
+    y = min(max((row + rng.uniform(0.15, 0.85)) / 3, r + 0.02), 1 - r - 0.02)
+    return round(x, 3), round(y, 3)   # rounded once here, so the JSON scene is exactly what was drawn
 
 
 def _make_object(shape, color, size, x, y):
     return {"shape": shape, "color": color, "size": size, "x": x, "y": y, "position": position_word(x, y)}
 
 
-def sample_scene(rng, allow_heldout=True, force_heldout=False):
+def sample_scene(rng, allow_heldout=True, force_heldout=False, buckets=None):
     """1-4 objects on a grey-ish background. allow_heldout=False never uses a held-out colour+shape pair;
-    force_heldout=True makes the first object one."""
+    force_heldout=True makes the first object one; buckets=(lo, hi) keeps only scenes whose content hash
+    bucket is in [lo, hi). What the scene shows is drawn first, so unwanted buckets are rejected cheaply."""
     while True:
-        objs = []
+        content = []   # (shape, color, size, (row, col))
         for k in range(rng.randint(1, 4)):
             if k == 0 and force_heldout:
                 color, shape = rng.choice(sorted(HELDOUT_COMBOS))
             else:
                 shape, color = rng.choice(SHAPES), rng.choice(COLORS)
                 # copy an attribute now and then, so counting questions have something to count
-                if objs and rng.random() < 0.35:
-                    shape = rng.choice(objs)["shape"]
-                if objs and rng.random() < 0.25:
-                    color = rng.choice(objs)["color"]
-            if not allow_heldout and (color, shape) in HELDOUT_COMBOS:
-                continue
-            size = rng.choice(SIZES)
-            xy = _place(rng, objs, size)
-            if xy is not None:
-                objs.append(_make_object(shape, color, size, *xy))
-        if objs:
-            break
-    return _finish_scene(rng, objs)
+                if content and rng.random() < 0.35:
+                    shape = rng.choice(content)[0]
+                if content and rng.random() < 0.25:
+                    color = rng.choice(content)[1]
+            if allow_heldout or (color, shape) not in HELDOUT_COMBOS:
+                content.append((shape, color, rng.choice(SIZES), (rng.randrange(3), rng.randrange(3))))
+        if not content:
+            continue
+        if buckets and not buckets[0] <= _bucket(sorted(c[:3] + c[3] for c in content)) < buckets[1]:
+            continue
+        objs = []
+        for shape, color, size, cell in content:
+            r = RADIUS[size]
+            for _ in range(20):   # rejection sampling: objects may touch but not overlap much
+                x, y = _jitter(rng, cell, r)
+                if all(math.hypot(x - o["x"], y - o["y"]) >= 0.9 * (r + RADIUS[o["size"]]) for o in objs):
+                    objs.append(_make_object(shape, color, size, x, y))
+                    break
+            else:
+                break
+        if len(objs) == len(content):
+            return _finish_scene(rng, objs)
 
 
 def _finish_scene(rng, objs):
@@ -179,11 +184,19 @@ def scene_key(scene):
 
 
 def scene_hash(scene):
-    return hashlib.sha1(repr(scene_key(scene)).encode()).hexdigest()
+    return _hash(scene_key(scene))
+
+
+def _hash(key):
+    return hashlib.sha1(repr(tuple(key)).encode()).hexdigest()
+
+
+def _bucket(key):
+    return int(_hash(key), 16) % 100
 
 
 def scene_bucket(scene):
-    return int(scene_hash(scene), 16) % 100
+    return _bucket(scene_key(scene))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -396,6 +409,8 @@ class _Gen:
             return None
         rel = self.rng.choice(rels)
         form = self.rng.random()
+        if form >= 0.5 and _full(a) == _full(b):   # "a red star left of a red star" is true but confusing
+            return None
         if form < 0.5:
             ra, rb = referring(self.s, a, rng=self.rng), referring(self.s, b, rng=self.rng)
             if ra is None or rb is None:
@@ -834,7 +849,9 @@ def _qa(scene, rng, qtype):
         by_count = {}
         for d in descs:
             by_count.setdefault(len(_matching(scene, **d)), []).append(d)
-        k = rng.choice(sorted(by_count))   # pick the answer first, so small and large counts both occur
+        # pick the answer first, favouring the larger counts (they are rarer), so no count dominates
+        counts = sorted(by_count)
+        k = rng.choices(counts, weights=[(1, 1, 3, 6, 10)[c] for c in counts])[0]
         return f"how many {noun_phrase('', n=2, **rng.choice(by_count[k]))} are there ?", NUM_WORDS[k]
     if qtype in ("color", "shape", "size"):
         ref = referring(scene, o, avoid=(qtype,), rng=rng)
@@ -916,12 +933,17 @@ def _minimal_pair(paradigm, rng, heldout):
     rel = rng.choice(HELDOUT_RELATION_WORDS if heldout else ("left of", "right of", "next to"))
     frame = rng.randrange(3)
     if paradigm == "det_noun_agreement":
+        frame = rng.randrange(5)
         if frame == 0:
             good = f"look at these {size} {color} {plural(shape)} !"
         elif frame == 1:
             good = f"there is {noun_phrase('a', size, color, shape)} ."
-        else:
+        elif frame == 2:
             good = f"can you see those {color} {plural(shape)} ?"
+        elif frame == 3:
+            good = f"i see {rng.choice(NUM_WORDS[2:])} {size} {color} {plural(shape)} ."
+        else:
+            good = f"this {color} {shape} is {size} ."
         t = good.split()
         k = next(i for i, w in enumerate(t) if w in SG_NOUNS + PL_NOUNS)
         bad = t[:k] + [SINGULAR[t[k]] if t[k] in SINGULAR else plural(t[k])] + t[k + 1:]
@@ -965,7 +987,7 @@ def _minimal_pair(paradigm, rng, heldout):
             color = "orange"
             shape = "square" if heldout else rng.choice([x for x in SHAPES if ("orange", x) not in HELDOUT_COMBOS])
         np_ = noun_phrase("a", size=sz, color=color, shape=shape)
-        t = (f"there is {np_} ." if frame else f"look , {np_} !").split()
+        t = [f"look , {np_} !", f"there is {np_} .", f"can you see {np_} ?", f"i see {np_} ."][rng.randrange(4)].split()
         k = t.index("a") if "a" in t else t.index("an")
         return t, t[:k] + ["an" if t[k] == "a" else "a"] + t[k + 1:]
     raise ValueError(paradigm)
@@ -1045,12 +1067,8 @@ def winoground(seed, scale, size):
 # ---------------------------------------------------------------------------------------------------------------------
 def split_scene(seed, split, index):
     """The scene for one image of one split: resampled until its content hash falls in the split's buckets."""
-    lo, hi = IMAGE_SPLITS[split][1]
     rng = _rng(seed, split, index)
-    while True:
-        scene = sample_scene(rng)
-        if lo <= scene_bucket(scene) < hi:
-            return scene, rng
+    return sample_scene(rng, buckets=IMAGE_SPLITS[split][1]), rng
 
 
 def _count(default, scale):
@@ -1063,7 +1081,7 @@ def _write_lines(path, lines):
 
 
 def _contact_sheet(path, images, captions, size):
-    cell, text_h, cols = max(128, size * 4), 56, 4
+    cell, text_h, cols = max(128, size * 4), 70, 4
     rows = (len(images) + cols - 1) // cols
     sheet = Image.new("RGB", (cols * (cell + 8), rows * (cell + text_h)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
@@ -1079,7 +1097,7 @@ def _contact_sheet(path, images, captions, size):
             else:
                 line = (line + " " + w).strip()
         lines.append(line)
-        draw.multiline_text((x + 2, y + cell + 2), "\n".join(lines[:4]), fill=(0, 0, 0), font=font, spacing=1)
+        draw.multiline_text((x + 2, y + cell + 2), "\n".join(lines[:5]), fill=(0, 0, 0), font=font, spacing=1)
     sheet.save(path)
 
 
@@ -1100,10 +1118,7 @@ def _text_chunk(job):
     for i in range(lo, hi):
         rng = _rng(seed, split, i)
         if split == "descriptions_test":
-            b_lo, b_hi = IMAGE_SPLITS["caption_test"][1]
-            scene = sample_scene(rng, force_heldout=i % 2 == 1)
-            while not b_lo <= scene_bucket(scene) < b_hi:
-                scene = sample_scene(rng, force_heldout=i % 2 == 1)
+            scene = sample_scene(rng, force_heldout=i % 2 == 1, buckets=IMAGE_SPLITS["caption_test"][1])
             lines.append(text_line(scene, rng, phase1=False))
             continue
         line = text_line(sample_scene(rng, allow_heldout=False), rng, phase1=True)
