@@ -23,10 +23,10 @@ import torch
 from tqdm import tqdm
 
 from common import (UserError, add_run_args, check_finite, check_range, cleanup, cli, fmt_speed,
-                    load_checkpoint, lr_at, make_optimizer, Meter, rng_state, save_checkpoint, set_lr,
+                    load_checkpoint, lr_at, make_checkpoint, make_optimizer, Meter, rng_state, save_checkpoint, set_lr,
                     set_rng_state, setup, StopFlag, wrap_model, all_reduce_mean)
 from data.text import read_babylm_folder, read_lines, tokenize_lines, unigram_entropy
-from model import Decoder, DecoderConfig, config_dicts
+from model import Decoder, DecoderConfig
 from tokenizer import BOS, EOS, load_tokenizer, train_tokenizer
 
 PHASE = "phase1"
@@ -128,11 +128,9 @@ def read_info(path):
 
 def world_extra_text(world_dir):
     lines = []
-    for split in ("caption_train", "vqa_train"):
-        path = os.path.join(world_dir, f"{split}.jsonl")
-        with open(path) as f:
-            for row in f:
-                lines += json.loads(row)["captions"]
+    with open(os.path.join(world_dir, "caption_train.jsonl")) as f:
+        for row in f:
+            lines += json.loads(row)["captions"]
     with open(os.path.join(world_dir, "vqa_train.jsonl")) as f:
         for row in f:
             qa = json.loads(row)
@@ -208,13 +206,8 @@ def main(argv=None):
               f"vocab {vocab} | {len(train):,} train tokens | unigram entropy {H_unigram:.3f} nats/token")
 
     def checkpoint(val_loss, with_optimizer):
-        d, _ = config_dicts(model)
-        obj = {"model": model.state_dict(), "decoder_config": d, "vit_config": None, "phase": PHASE,
-               "tokenizer": tok_path, "step": step, "val_loss": val_loss, "best_val": best_val, "args": vars(args)}
-        if with_optimizer:
-            obj["optimizer"] = optimizer.state_dict()
-            obj["rng"] = rng_state({"data": gen})
-        return obj
+        return make_checkpoint(model, PHASE, tok_path, step, val_loss, best_val, args,
+                               optimizer if with_optimizer else None, {"data": gen})
 
     # ---- training loop
     stop = StopFlag()

@@ -1,0 +1,103 @@
+"""
+Image datasets as (uint8 array (N, H, W, 3), list of per-image records).
+
+  * the built-in world: `{split}_images.npy` (memory-mapped, never decoded in a training step) and
+    `{split}.jsonl` records {"id", "scene", "captions"};
+  * real captioned photos in the COCO captions format: an images folder plus captions_*.json
+    ({"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}). Photos are decoded
+    and resized ONCE into a cached .npy next to the checkpoints; corrupt files are skipped and counted.
+"""
+import glob
+import hashlib
+import json
+import os
+import sys
+
+import numpy as np
+from PIL import Image
+
+from common import UserError, read_json, read_jsonl
+
+
+def load_world_split(world_dir, split):
+    path = os.path.join(world_dir, f"{split}_images.npy")
+    if not os.path.exists(path):
+        raise UserError(f"{path} not found; build the world with `python -m data.world --out {world_dir}`")
+    images = np.load(path, mmap_mode="r")
+    rows = read_jsonl(os.path.join(world_dir, f"{split}.jsonl"))
+    if len(rows) != len(images):
+        raise UserError(f"{world_dir}/{split}: {len(images)} images but {len(rows)} records; rebuild the world")
+    return images, rows
+
+
+def find_coco_files(coco_dir):
+    """-> (captions json path, images folder). Accepts the COCO layout: captions_*.json at the top or in
+    annotations/, images in train2017/ val2017/ images/ or next to the JSON."""
+    if not os.path.isdir(coco_dir):
+        raise UserError(f"COCO folder {coco_dir} does not exist")
+    jsons = sorted(glob.glob(os.path.join(coco_dir, "captions_*.json")) +
+                   glob.glob(os.path.join(coco_dir, "annotations", "captions_*.json")))
+    if not jsons:
+        raise UserError(f"no captions_*.json in {coco_dir} (or its annotations/ folder)")
+    ann = jsons[0]
+    split = os.path.basename(ann)[len("captions_"):-len(".json")]  # e.g. train2017
+    for cand in (split, "images", "."):
+        folder = os.path.join(coco_dir, cand)
+        if os.path.isdir(folder) and any(f.lower().endswith((".jpg", ".jpeg", ".png")) for f in os.listdir(folder)):
+            return ann, folder
+    raise UserError(f"no image folder with .jpg/.png files found in {coco_dir} (looked for {split}/, images/)")
+
+
+def center_square(img, size):
+    """Crop the central square and resize: the ViT sees the same aspect ratio as the world."""
+    w, h = img.size
+    s = min(w, h)
+    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    return np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC), dtype=np.uint8)
+
+
+def load_coco(coco_dir, size, cache_dir):
+    """All captioned images of a COCO-format folder, resized to size x size, cached as .npy."""
+    ann_path, img_dir = find_coco_files(coco_dir)
+    ann = read_json(ann_path)
+    if not isinstance(ann, dict) or "images" not in ann or "annotations" not in ann:
+        raise UserError(f"{ann_path} is not a COCO captions file (needs 'images' and 'annotations')")
+    caps = {}
+    for a in ann["annotations"]:
+        caps.setdefault(a["image_id"], []).append(" ".join(a["caption"].strip().split()))
+    entries = [im for im in ann["images"] if im["id"] in caps]
+    key = hashlib.sha1(f"{os.path.abspath(ann_path)}|{size}|{len(entries)}".encode()).hexdigest()[:10]
+    cache = os.path.join(cache_dir, f"coco_{key}.npy")
+    meta = cache[:-4] + ".json"
+    if os.path.exists(cache) and os.path.exists(meta):
+        with open(meta) as f:
+            rows = json.load(f)
+        return np.load(cache, mmap_mode="r"), rows
+    images, rows, bad = [], [], []
+    for im in entries:
+        path = os.path.join(img_dir, im["file_name"])
+        try:
+            with Image.open(path) as img:
+                images.append(center_square(img, size))
+        except Exception:  # missing, truncated or not an image at all
+            bad.append(im["file_name"])
+            continue
+        rows.append({"id": im["id"], "file_name": im["file_name"], "captions": caps[im["id"]]})
+    if bad:
+        print(f"warning: skipped {len(bad)} unreadable image(s) in {img_dir} (e.g. {bad[0]})", file=sys.stderr)
+    if not images:
+        raise UserError(f"none of the {len(entries)} images listed in {ann_path} could be read from {img_dir}")
+    os.makedirs(cache_dir, exist_ok=True)
+    arr = np.stack(images)
+    np.save(cache[:-4] + ".tmp.npy", arr)
+    os.replace(cache[:-4] + ".tmp.npy", cache)
+    with open(meta, "w") as f:
+        json.dump(rows, f)
+    return np.load(cache, mmap_mode="r"), rows
+
+
+def split_indices(n, val_frac, seed=0):
+    """A fixed random split of n items into (train, val) index arrays."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = max(1, int(round(n * val_frac)))
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])

@@ -1,0 +1,303 @@
+"""
+Phase 2: connect vision.
+
+A small ViT (trained from scratch) and a projector turn each image into a few tokens that prefix the
+phase 1 decoder; the whole thing learns to caption labeled images, with the loss on caption tokens
+only. New modules get a high learning rate, the pretrained decoder a lower one (either can be frozen),
+and a fraction of steps replay phase 1 text so language is not forgotten.
+
+    python phase2_caption.py                       # after phase1_text.py, built-in world
+    python phase2_caption.py --coco_dir ../shared/data/coco_mini   # COCO captions format
+Reads out/phase1/best.pt, writes out/phase2/best.pt (lowest caption val loss) and last.pt.
+"""
+import argparse
+import json
+import os
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common import (UserError, add_run_args, all_reduce_mean, check_finite, check_range, check_vocab, cleanup, cli,
+                    fmt_speed, load_checkpoint, lr_at, make_checkpoint, make_optimizer, Meter, save_checkpoint, set_lr,
+                    set_rng_state, setup, StopFlag, wrap_model)
+from data.images import load_coco, load_world_split, split_indices
+from eval import bleu4, caption_accuracy, caption_images
+from model import VLM, DecoderConfig, ViTConfig, build_model
+from tokenizer import BOS, EOS, PAD, load_tokenizer
+
+PHASE = "phase2"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # data
+    p.add_argument("--world_dir", default="data/world")
+    p.add_argument("--coco_dir", default="", help="COCO captions folder (captions_*.json + images); empty = world")
+    p.add_argument("--image_size", type=int, default=32, help="COCO photos are resized to this (world: as built)")
+    p.add_argument("--canonical_frac", type=float, default=0.5,
+                   help="world: how often the full canonical caption is the target (else another reference)")
+    p.add_argument("--text_frac", type=float, default=0.1, help="fraction of steps that replay phase 1 text")
+    # vision model
+    p.add_argument("--patch_size", type=int, default=4)
+    p.add_argument("--vit_layers", type=int, default=3)
+    p.add_argument("--vit_heads", type=int, default=4)
+    p.add_argument("--vit_d", type=int, default=128)
+    p.add_argument("--merge", type=int, default=2, help="projector merges merge x merge patches into one token")
+    # optimisation
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--max_steps", type=int, default=700)
+    p.add_argument("--lr_new", type=float, default=2e-3, help="ViT + projector")
+    p.add_argument("--lr_decoder", type=float, default=5e-4, help="the pretrained phase 1 decoder")
+    p.add_argument("--freeze_decoder", action="store_true")
+    p.add_argument("--freeze_vit", action="store_true")
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--min_lr_frac", type=float, default=0.1)
+    p.add_argument("--weight_decay", type=float, default=0.1)
+    p.add_argument("--grad_clip", type=float, default=1.0)
+    # evaluation / logging
+    p.add_argument("--eval_interval", type=int, default=100)
+    p.add_argument("--eval_batches", type=int, default=8)
+    p.add_argument("--log_interval", type=int, default=25)
+    p.add_argument("--n_test", type=int, default=500, help="held-out images captioned at the end")
+    p.add_argument("--max_caption_tokens", type=int, default=64)
+    add_run_args(p, PHASE)
+    args = p.parse_args(argv)
+    for name, lo in [("image_size", 8), ("patch_size", 1), ("vit_layers", 1), ("vit_heads", 1), ("vit_d", 4),
+                     ("merge", 1), ("batch_size", 1), ("max_steps", 1), ("warmup", 0), ("eval_interval", 1),
+                     ("eval_batches", 1), ("log_interval", 1), ("n_test", 0), ("max_caption_tokens", 4)]:
+        check_range(name, getattr(args, name), lo=lo)
+    for name in ("canonical_frac", "text_frac", "min_lr_frac"):
+        check_range(name, getattr(args, name), lo=0, hi=1)
+    check_range("text_frac", args.text_frac, lo=0, hi=0.9)
+    for name in ("lr_new", "lr_decoder"):
+        check_range(name, getattr(args, name), lo=0, lo_open=True)
+    if args.vit_d % args.vit_heads or args.vit_d % 4:
+        raise UserError(f"--vit_d={args.vit_d} must be divisible by 4 and by --vit_heads={args.vit_heads}")
+    return args
+
+
+def load_caption_data(args, sp):
+    """-> dict split -> SimpleNamespace(images uint8 (N,H,W,3), captions [[ids,...] per image],
+    texts [[str,...]], scenes [dict or None])."""
+    def pack(images, rows, idx=None):
+        idx = np.arange(len(rows)) if idx is None else idx
+        rows = [rows[i] for i in idx]
+        texts = [r["captions"] for r in rows]
+        flat = sp.encode([c for caps in texts for c in caps])  # one batched call
+        ids, k = [], 0
+        for caps in texts:
+            ids.append([[BOS] + flat[k + j][:args.max_caption_tokens] + [EOS] for j in range(len(caps))])
+            k += len(caps)
+        imgs = images if len(idx) == len(images) else images[idx]
+        return SimpleNamespace(images=imgs, captions=ids, texts=texts, scenes=[r.get("scene") for r in rows])
+
+    if args.coco_dir:
+        images, rows = load_coco(args.coco_dir, args.image_size, os.path.join(args.out_dir, "cache"))
+        if len(rows) < 2:
+            raise UserError(f"{args.coco_dir} has {len(rows)} usable image(s); need at least 2 (train + val)")
+        tr, va = split_indices(len(rows), 0.1)
+        return {"train": pack(images, rows, tr), "val": pack(images, rows, va), "test": pack(images, rows, va)}
+    from data.world import ensure_built
+    ensure_built(args.world_dir)
+    return {s: pack(*load_world_split(args.world_dir, f"caption_{s}")) for s in ("train", "val", "test")}
+
+
+def caption_batch(data, idx, args, gen, canonical_frac):
+    """images (B,H,W,3) uint8 and padded (B,T) inputs/targets for captions of images idx.
+    Targets are -1 on padding, so only caption tokens (and EOS) carry loss."""
+    seqs = []
+    for i in idx:
+        caps = data.captions[i]
+        # canonical (first) caption with probability canonical_frac, else one of the others
+        if len(caps) == 1 or torch.rand((), generator=gen).item() < canonical_frac:
+            seqs.append(caps[0])
+        else:
+            seqs.append(caps[1 + int(torch.randint(len(caps) - 1, (), generator=gen))])
+    T = max(len(s) for s in seqs) - 1
+    x = torch.full((len(seqs), T), PAD, dtype=torch.long)
+    y = torch.full((len(seqs), T), -1, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        x[r, :len(s) - 1] = torch.tensor(s[:-1])
+        y[r, :len(s) - 1] = torch.tensor(s[1:])
+    images = torch.from_numpy(np.asarray(data.images[np.sort(idx)]))
+    order = np.argsort(np.argsort(idx))  # images were read in sorted order (fast memmap); undo it
+    return images[torch.from_numpy(order)], x, y
+
+
+def to_run(run, *ts):
+    if run.device_type == "cuda":
+        return [t.pin_memory().to(run.device, non_blocking=True) for t in ts]
+    return [t.to(run.device) for t in ts]
+
+
+@torch.no_grad()
+def evaluate(model, val, args, run):
+    """Caption loss on the canonical caption of the first eval_batches*batch_size val images."""
+    model.eval()
+    losses = []
+    n = min(len(val.captions), args.eval_batches * args.batch_size)
+    for b0 in range(0, n, args.batch_size):
+        idx = np.arange(b0, min(b0 + args.batch_size, n))
+        imgs, x, y = to_run(run, *caption_batch(val, idx, args, None, canonical_frac=1.0))
+        with run.autocast:
+            _, loss = model(imgs, x, y)
+        losses.append(loss.item())
+    model.train()
+    return all_reduce_mean(float(np.mean(losses)), run)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = setup(args)
+    if args.batch_size % run.world_size:
+        raise UserError(f"--batch_size={args.batch_size} must be divisible by the {run.world_size} processes")
+    out = os.path.join(args.out_dir, PHASE)
+    best_path, last_path = os.path.join(out, "best.pt"), os.path.join(out, "last.pt")
+    prev_path = os.path.join(args.out_dir, "phase1", "best.pt")
+
+    # ---- the phase 1 model and its tokenizer
+    prev = load_checkpoint(prev_path, "phase1", run_first="python phase1_text.py")
+    sp = load_tokenizer(prev["tokenizer"])
+    check_vocab(prev, sp, prev_path)
+    data = load_caption_data(args, sp)
+    train, val = data["train"], data["val"]
+    image_size = train.images.shape[1]
+
+    # ---- VLM = phase 1 decoder + fresh ViT and projector (or everything back from last.pt)
+    gen = torch.Generator().manual_seed(args.seed)
+    step, best_val = 0, float("inf")
+    if args.resume:
+        ckpt = load_checkpoint(last_path, PHASE, run_first="python phase2_caption.py")
+        model = build_model(ckpt)
+    else:
+        vit_cfg = ViTConfig(image_size=image_size, patch_size=args.patch_size, n_layer=args.vit_layers,
+                            n_head=args.vit_heads, d_model=args.vit_d, merge=args.merge)
+        if image_size % args.patch_size or (image_size // args.patch_size) % args.merge:
+            raise UserError(f"image size {image_size} must be a multiple of --patch_size*--merge = {args.patch_size * args.merge}")
+        model = VLM(DecoderConfig(**prev["decoder_config"]), vit_cfg)
+        model.decoder.load_state_dict(prev["model"])  # bit-identical copy of phase 1's weights
+    model.to(run.device)
+    P = model.projector.num_tokens()
+    if P + args.max_caption_tokens + 1 > model.decoder.cfg.max_seq_len:
+        raise UserError(f"{P} image tokens + {args.max_caption_tokens} caption tokens exceed the decoder's "
+                        f"max_seq_len {model.decoder.cfg.max_seq_len}; lower --max_caption_tokens or raise --merge")
+    for p in model.decoder.parameters():
+        p.requires_grad_(not args.freeze_decoder)
+    for p in model.vit.parameters():
+        p.requires_grad_(not args.freeze_vit)
+    groups = [(list(model.vit.parameters()) + list(model.projector.parameters()), args.lr_new),
+              (model.decoder.parameters(), args.lr_decoder)]
+    optimizer = make_optimizer(groups, args.weight_decay, (0.9, 0.95), run.device_type)
+    if args.resume:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"], {"data": gen})
+        step, best_val = ckpt["step"], ckpt["best_val"]
+        if run.master:
+            print(f"resumed from {last_path} at step {step} (best val {best_val:.4f})")
+    dmodel = wrap_model(model, run, args.compile)
+
+    # phase 1 text replay: every k-th step is a text batch instead of a caption batch
+    text_every = round(1 / args.text_frac) if args.text_frac > 0 else 0
+    if text_every:
+        import phase1_text
+        p1_args = SimpleNamespace(**prev["args"])
+        _, _, text_train, _ = phase1_text.prepare_data(p1_args, run)
+    mean_cap = float(np.mean([len(c[0]) for c in train.captions[:1000]]))
+    flops_per_image = model.flops_per_sample(mean_cap)
+    if run.master:
+        n_vit = sum(p.numel() for p in model.vit.parameters()) + sum(p.numel() for p in model.projector.parameters())
+        print(f"device {run.device} x{run.world_size} | {len(train.captions):,} train images of {image_size}px | "
+              f"{P} image tokens | ViT+projector {n_vit / 1e6:.2f}M params (new) | decoder "
+              f"{model.decoder.num_params() / 1e6:.2f}M (from {prev_path})")
+
+    def checkpoint(val_loss, with_optimizer):
+        return make_checkpoint(model, PHASE, prev["tokenizer"], step, val_loss, best_val, args,
+                               optimizer if with_optimizer else None, {"data": gen})
+
+    def show_samples(k=3):
+        caps = caption_images(model, sp, val.images[:k], device=run.device)
+        for c, refs in zip(caps, val.texts[:k]):
+            tqdm.write(f"   model: {c}\n     ref: {refs[0]}")
+
+    # ---- training loop
+    stop = StopFlag()
+    meter = Meter(run)
+    pbar = tqdm(total=args.max_steps, initial=step, disable=not run.master or args.quiet, desc=PHASE, dynamic_ncols=True)
+    val_loss = float("nan")
+    while True:
+        last_step = step == args.max_steps
+        if step % args.eval_interval == 0 or last_step:
+            val_loss = evaluate(dmodel, val, args, run)
+            if run.master:
+                tqdm.write(f"step {step} | val caption loss {val_loss:.4f}")
+                if step > 0:
+                    show_samples()
+                if val_loss < best_val:
+                    best_val = val_loss
+                    save_checkpoint(checkpoint(val_loss, False), best_path)
+                save_checkpoint(checkpoint(val_loss, True), last_path)
+            meter.reset()
+        if last_step:
+            break
+
+        set_lr(optimizer, lr_at(step, 1.0, args.max_steps, args.warmup, args.min_lr_frac))
+        if text_every and step % text_every == text_every - 1:
+            x, y = phase1_text.get_batch(text_train, args.batch_size, model.decoder.cfg.max_seq_len, gen, run)
+            with run.autocast:
+                _, loss = dmodel.module.decoder(x, y) if run.ddp else model.decoder(x, y)
+            counts = dict(tokens=x.numel(), flops=model.decoder.flops_per_token(x.size(1)) * x.numel())
+        else:
+            idx = torch.randint(len(train.captions), (args.batch_size,), generator=gen).numpy()
+            idx = idx[run.rank::run.world_size]  # same global batch, each rank its own rows
+            imgs, x, y = to_run(run, *caption_batch(train, idx, args, gen, args.canonical_frac))
+            with run.autocast:
+                _, loss = dmodel(imgs, x, y)
+            counts = dict(tokens=int((y >= 0).sum()), images=len(idx), flops=flops_per_image * len(idx))
+        loss.backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = loss.item()
+        check_finite(loss_value, step, out)
+        step += 1
+        meter.add(**counts)
+        pbar.update(1)
+        if run.master and step % args.log_interval == 0:
+            tqdm.write(f"step {step} | loss {loss_value:.4f} | lr {optimizer.param_groups[0]['lr']:.2e} | "
+                       f"{fmt_speed(meter.report())}")
+        if stop.stop:
+            if run.master:
+                save_checkpoint(checkpoint(val_loss, True), last_path)
+                tqdm.write(f"interrupted: saved {last_path} at step {step}; continue with --resume")
+            cleanup(run)
+            sys.exit(130 if stop.signum == 2 else 143)
+    pbar.close()
+
+    # ---- held-out captions from the best checkpoint
+    if run.master and args.n_test > 0:
+        best = build_model(load_checkpoint(best_path, PHASE)).to(run.device)
+        test = data["test"]
+        n = min(args.n_test, len(test.captions))
+        caps = caption_images(best, sp, test.images[:n], device=run.device)
+        result = {"best_val_loss": best_val, "n_test": n}
+        if test.scenes[0] is not None:
+            result["caption_accuracy"] = caption_accuracy(caps, test.scenes[:n])
+            print(f"held-out world images: {100 * result['caption_accuracy']:.1f}% of {n} greedy captions exactly correct")
+        else:
+            result["bleu4"] = bleu4(caps, test.texts[:n])
+            print(f"held-out images: BLEU-4 {100 * result['bleu4']:.2f} on {n} greedy captions")
+        for c, refs in list(zip(caps, test.texts))[:5]:
+            print(f"   model: {c}\n     ref: {refs[0]}")
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    if run.master:
+        print(f"done: best val caption loss {best_val:.4f} -> {best_path}")
+    cleanup(run)
+
+
+if __name__ == "__main__":
+    cli(main)
