@@ -1080,7 +1080,8 @@ def _write_lines(path, lines):
         f.write("".join(line + "\n" for line in lines))
 
 
-def _contact_sheet(path, images, captions, size):
+def contact_sheet(path, images, captions, size):
+    """A PNG grid of images (upscaled, nearest) with a caption under each, for people to look at."""
     cell, text_h, cols = max(128, size * 4), 70, 4
     rows = (len(images) + cols - 1) // cols
     sheet = Image.new("RGB", (cols * (cell + 8), rows * (cell + text_h)), (255, 255, 255))
@@ -1202,7 +1203,7 @@ def build(out_dir, seed=0, scale=1.0, size=32, progress=True):
     items, wino_images = winoground(seed, scale, size)
     np.save(os.path.join(out_dir, "winoground_images.npy"), wino_images)
     _write_lines(os.path.join(out_dir, "winoground.jsonl"), [json.dumps(x) for x in items])
-    _contact_sheet(os.path.join(out_dir, "contact_sheet.png"), *sheet, size)
+    contact_sheet(os.path.join(out_dir, "contact_sheet.png"), *sheet, size)
 
     meta = {"format_version": FORMAT_VERSION, "seed": seed, "scale": scale, "size": size, "counts": counts,
             "minimal_pairs": len(pairs), "winoground": len(items),

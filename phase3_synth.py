@@ -1,0 +1,324 @@
+"""
+Phase 3: self-synthesis ("dreaming out loud").
+
+The phase 2 model describes images nobody labeled. Its descriptions become a synthetic corpus
+(out/phase3/synthetic.jsonl, readable, one caption per line with its mean token log-prob, plus a PNG
+sheet of examples), and the language component (the decoder; vision stays frozen) keeps training on a
+mix of those synthetic captions and the real phase 1 text.
+
+    python phase3_synth.py                        # after phase2_caption.py
+    python phase3_synth.py --synthetic_frac 0     # the control: same steps, real text only
+                                                  # (writes out/phase3_control/ instead of out/phase3/)
+Best checkpoint by val loss on real held-out text -> out/phase3/best.pt (a full VLM, for phase 4).
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import phase1_text
+from common import (UserError, add_run_args, check_finite, check_range, check_vocab, cleanup, cli, fmt_speed,
+                    load_checkpoint, lr_at, make_checkpoint, make_optimizer, Meter, read_jsonl, save_checkpoint,
+                    set_lr, set_rng_state, setup, StopFlag, wrap_model)
+from data.images import load_world_split
+from eval import caption_images, minimal_pairs, sequence_logprobs, text_loss
+from model import build_model
+from tokenizer import BOS, EOS
+
+PHASE = "phase3"
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--init", default="phase2", help="which phase's best.pt to start from")
+    p.add_argument("--world_dir", default="data/world")
+    p.add_argument("--images", default="", help="a .npy uint8 (N,H,W,3) of unlabeled images; empty = the world's")
+    # synthesis
+    p.add_argument("--n_images", type=int, default=0, help="how many unlabeled images to caption (0 = all)")
+    p.add_argument("--captions_per_image", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=0, help="0 = no top-k cut")
+    p.add_argument("--gen_batch", type=int, default=250)
+    p.add_argument("--max_caption_tokens", type=int, default=64)
+    p.add_argument("--min_logprob", type=float, default=float("-inf"),
+                   help="drop captions whose mean token log-prob is below this (confidence filter)")
+    p.add_argument("--dedup", action="store_true", help="keep each distinct caption once")
+    p.add_argument("--synthetic", default="", help="reuse this synthetic.jsonl instead of captioning again")
+    # training the language component
+    p.add_argument("--synthetic_frac", type=float, default=0.5, help="share of each batch from synthetic captions")
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--seq_len", type=int, default=128)
+    p.add_argument("--max_steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--min_lr_frac", type=float, default=0.1)
+    p.add_argument("--weight_decay", type=float, default=0.1)
+    p.add_argument("--grad_clip", type=float, default=1.0)
+    p.add_argument("--eval_interval", type=int, default=100)
+    p.add_argument("--eval_iters", type=int, default=10)
+    p.add_argument("--log_interval", type=int, default=25)
+    p.add_argument("--out_name", default="", help="output folder under out_dir (default phase3, or phase3_control)")
+    add_run_args(p, PHASE)
+    args = p.parse_args(argv)
+    for name, lo in [("n_images", 0), ("captions_per_image", 1), ("top_k", 0), ("gen_batch", 1),
+                     ("max_caption_tokens", 4), ("batch_size", 1), ("seq_len", 8), ("max_steps", 1), ("warmup", 0),
+                     ("eval_interval", 1), ("eval_iters", 1), ("log_interval", 1)]:
+        check_range(name, getattr(args, name), lo=lo)
+    check_range("synthetic_frac", args.synthetic_frac, lo=0, hi=1)
+    check_range("temperature", args.temperature, lo=0)
+    check_range("lr", args.lr, lo=0, lo_open=True)
+    check_range("min_lr_frac", args.min_lr_frac, lo=0, hi=1)
+    if args.init not in ("phase2", "phase3", "phase4"):
+        raise UserError(f"--init={args.init}: phase 3 needs a model with vision (phase2, phase3 or phase4)")
+    args.out_name = args.out_name or ("phase3_control" if args.synthetic_frac == 0 else "phase3")
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Synthesis: caption unlabeled images with the KV cache, score each caption
+
+def synthesize(model, sp, images, args, run):
+    """-> list of {"image", "caption", "logprob"} for every image x captions_per_image."""
+    n = len(images)
+    rows = []
+    t0 = time.perf_counter()
+    kw = dict(temperature=args.temperature, top_k=args.top_k or None)
+    pbar = tqdm(total=n * args.captions_per_image, desc="dreaming", disable=args.quiet, dynamic_ncols=True)
+    for rep in range(args.captions_per_image):
+        for b0 in range(0, n, args.gen_batch):
+            idx = np.arange(b0, min(b0 + args.gen_batch, n))
+            imgs = images[idx[0]:idx[-1] + 1]
+            caps = caption_images(model, sp, imgs, args.max_caption_tokens, args.gen_batch, run.device, **kw)
+            # confidence = mean log-prob per caption token (EOS included), from one scoring pass
+            seqs = [[BOS] + sp.encode(c) + [EOS] for c in caps]
+            lp, cnt = sequence_logprobs(model, seqs, images=imgs, batch_size=args.gen_batch, device=run.device)
+            rows += [{"image": int(i), "caption": c, "logprob": round(l / max(k, 1), 4)}
+                     for i, c, l, k in zip(idx, caps, lp, cnt)]
+            pbar.update(len(idx))
+    pbar.close()
+    dt = time.perf_counter() - t0
+    print(f"synthesized {len(rows):,} captions in {dt:.1f}s ({len(rows) / dt:.1f} captions/s)")
+    return rows
+
+
+def filter_synthetic(rows, min_logprob, dedup):
+    """Confidence filter, then (optionally) keep each distinct caption once. Empty captions never count."""
+    kept, seen = [], set()
+    for r in rows:
+        if not r["caption"].strip() or r["logprob"] < min_logprob:
+            continue
+        if dedup:
+            if r["caption"] in seen:
+                continue
+            seen.add(r["caption"])
+        kept.append(r)
+    return kept
+
+
+def write_synthetic(rows, path):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+def read_synthetic(path):
+    rows = read_jsonl(path)
+    for i, r in enumerate(rows, 1):
+        if not isinstance(r, dict) or not isinstance(r.get("caption"), str):
+            raise UserError(f"{path} row {i}: expected an object with a \"caption\" string")
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Training data: windows from the real stream and the synthetic stream, mixed per batch
+
+def mixed_batch(real, synth, batch_size, seq_len, frac, gen, run):
+    """round(frac * batch_size) rows from the synthetic stream, the rest from real text, in a random
+    order. The count is exact, so the mix ratio holds in every batch, not just on average."""
+    n_syn = int(round(frac * batch_size))
+    picks = torch.randperm(batch_size, generator=gen) < n_syn  # (B,) which rows are synthetic
+    rows = []
+    for is_syn in picks.tolist():
+        stream = synth if is_syn else real
+        s = int(torch.randint(len(stream) - seq_len - 1, (), generator=gen))
+        rows.append(np.asarray(stream[s:s + seq_len + 1], dtype=np.int64))
+    rows = rows[run.rank::run.world_size]  # same global batch on every rank, each its own rows
+    xy = torch.from_numpy(np.stack(rows))
+    x, y = xy[:, :-1], xy[:, 1:]
+    return x.to(run.device), y.to(run.device), int(picks.sum())
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = setup(args)
+    if args.batch_size % run.world_size:
+        raise UserError(f"--batch_size={args.batch_size} must be divisible by the {run.world_size} processes")
+    out = os.path.join(args.out_dir, args.out_name)
+    best_path, last_path = os.path.join(out, "best.pt"), os.path.join(out, "last.pt")
+    init_path = os.path.join(args.out_dir, args.init, "best.pt")
+    os.makedirs(out, exist_ok=True)
+
+    # ---- the phase 2 model, its tokenizer, and phase 1's real text
+    prev = load_checkpoint(init_path, ["phase2", "phase3", "phase4"],
+                           run_first=f"python {'phase2_caption' if args.init == 'phase2' else args.init}.py")
+    if not prev.get("vit_config"):
+        raise UserError(f"{init_path} has no vision tower; phase 3 starts from a phase 2 checkpoint")
+    sp = load_tokenizer_for(prev, init_path)
+    p1 = load_checkpoint(os.path.join(args.out_dir, "phase1", "best.pt"), "phase1", run_first="python phase1_text.py")
+    p1_args = SimpleNamespace(**p1["args"])
+    _, _, real_train, real_val = phase1_text.prepare_data(p1_args, run)
+    model = build_model(prev).to(run.device)
+
+    # ---- 1. dream: caption the unlabeled images (skipped by the control, which never uses them)
+    syn_path = os.path.join(out, "synthetic.jsonl")
+    synth = None
+    if args.synthetic_frac > 0:
+        if args.synthetic:
+            rows = read_synthetic(args.synthetic)
+        elif args.resume and os.path.exists(syn_path):
+            rows = read_synthetic(syn_path)
+        else:
+            images = load_unlabeled(args)
+            if args.n_images:
+                images = images[:args.n_images]
+            rows = synthesize(model, sp, images, args, run) if run.master else []
+            write_synthetic(rows, syn_path)
+            sheet_of_examples(images, rows, os.path.join(out, "synthetic_sheet.png"))
+        kept = filter_synthetic(rows, args.min_logprob, args.dedup)
+        print(f"synthetic corpus: {len(rows):,} captions, {len(kept):,} kept after filtering -> {syn_path}")
+        if not kept:
+            raise UserError("no synthetic captions left after filtering; lower --min_logprob or drop --dedup")
+        synth = phase1_text.tokenize_lines([r["caption"] for r in kept], sp, os.path.join(out, "synthetic_tokens.npy"), BOS, EOS)
+        if len(synth) <= args.seq_len + 1:
+            raise UserError(f"synthetic corpus has {len(synth)} tokens, fewer than --seq_len={args.seq_len}; caption more images")
+
+    # ---- 2. train the language component on the mix; vision is frozen
+    for p in list(model.vit.parameters()) + list(model.projector.parameters()):
+        p.requires_grad_(False)
+    decoder = model.decoder
+    if args.seq_len > decoder.cfg.max_seq_len:
+        raise UserError(f"--seq_len={args.seq_len} exceeds the model's max_seq_len {decoder.cfg.max_seq_len}")
+    optimizer = make_optimizer([(decoder.parameters(), args.lr)], args.weight_decay, (0.9, 0.95), run.device_type)
+    gen = torch.Generator().manual_seed(args.seed)
+    step, best_val = 0, float("inf")
+    if args.resume:
+        ckpt = load_checkpoint(last_path, PHASE, run_first=f"python phase3_synth.py --synthetic_frac {args.synthetic_frac}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"], {"data": gen})
+        step, best_val = ckpt["step"], ckpt["best_val"]
+        print(f"resumed from {last_path} at step {step}")
+    ddecoder = wrap_model(decoder, run, args.compile)
+    flops_per_step = decoder.flops_per_token(args.seq_len) * args.seq_len * args.batch_size / run.world_size
+    val_args = SimpleNamespace(eval_iters=args.eval_iters, batch_size=args.batch_size, seq_len=args.seq_len)
+
+    def checkpoint(val_loss, with_optimizer):
+        return make_checkpoint(model, PHASE, prev["tokenizer"], step, val_loss, best_val, args,
+                               optimizer if with_optimizer else None, {"data": gen})
+
+    stop = StopFlag()
+    meter = Meter(run)
+    pbar = tqdm(total=args.max_steps, initial=step, disable=not run.master or args.quiet, desc=args.out_name, dynamic_ncols=True)
+    val_loss = float("nan")
+    model.train()
+    while True:
+        last_step = step == args.max_steps
+        if step % args.eval_interval == 0 or last_step:
+            val_loss = phase1_text.evaluate(ddecoder, real_val, val_args, run)  # real held-out text
+            if run.master:
+                tqdm.write(f"step {step} | val loss on real text {val_loss:.4f}")
+                if val_loss < best_val:
+                    best_val = val_loss
+                    save_checkpoint(checkpoint(val_loss, False), best_path)
+                save_checkpoint(checkpoint(val_loss, True), last_path)
+            meter.reset()
+        if last_step:
+            break
+        set_lr(optimizer, lr_at(step, 1.0, args.max_steps, args.warmup, args.min_lr_frac))
+        x, y, _ = mixed_batch(real_train, synth, args.batch_size, args.seq_len, args.synthetic_frac, gen, run)
+        with run.autocast:
+            _, loss = ddecoder(x, y)
+        loss.backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(decoder.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = loss.item()
+        check_finite(loss_value, step, out)
+        step += 1
+        meter.add(tokens=x.numel(), flops=flops_per_step)
+        pbar.update(1)
+        if run.master and step % args.log_interval == 0:
+            tqdm.write(f"step {step} | loss {loss_value:.4f} | lr {optimizer.param_groups[0]['lr']:.2e} | {fmt_speed(meter.report())}")
+        if stop.stop:
+            if run.master:
+                save_checkpoint(checkpoint(val_loss, True), last_path)
+                tqdm.write(f"interrupted: saved {last_path} at step {step}; continue with --resume")
+            cleanup(run)
+            sys.exit(130 if stop.signum == 2 else 143)
+    pbar.close()
+
+    # ---- 3. did it help? language scores of the best checkpoint (compare with phase 2 and the control)
+    if run.master and not args.images:
+        best = build_model(load_checkpoint(best_path, PHASE)).to(run.device)
+        result = language_scores(best, sp, args.world_dir, run.device)
+        result["best_val_loss"] = best_val
+        print(f"{args.out_name}: world minimal pairs {100 * result['mp']:.1f}% | on held-out combos "
+              f"{100 * result['mp_heldout']:.1f}% | loss on held-out descriptions {result['desc_loss']:.4f} "
+              f"(held-out-combo lines {result['desc_heldout_loss']:.4f})")
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    cleanup(run)
+
+
+def load_tokenizer_for(ckpt, path):
+    from tokenizer import load_tokenizer
+    sp = load_tokenizer(ckpt["tokenizer"])
+    check_vocab(ckpt, sp, path)
+    return sp
+
+
+def load_unlabeled(args):
+    if args.images:
+        if not os.path.exists(args.images):
+            raise UserError(f"--images {args.images} not found")
+        images = np.load(args.images, mmap_mode="r")
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise UserError(f"--images {args.images} must hold a uint8 array (N, H, W, 3), not {images.dtype} {images.shape}")
+        return images
+    from data.world import ensure_built
+    ensure_built(args.world_dir)
+    images, _ = load_world_split(args.world_dir, "unlabeled")
+    return images
+
+
+def sheet_of_examples(images, rows, path, k=16):
+    from data.world import contact_sheet
+    k = min(k, len(rows))
+    contact_sheet(path, [np.asarray(images[r["image"]]) for r in rows[:k]],
+                  [f"{r['caption']} ({r['logprob']:.2f})" for r in rows[:k]], images.shape[1])
+
+
+def language_scores(model, sp, world_dir, device):
+    """World minimal pairs (all paradigms; held-out-combo paradigms alone) and loss on held-out descriptions."""
+    pairs = read_jsonl(os.path.join(world_dir, "minimal_pairs.jsonl"))
+    seen = [p for p in pairs if not p.get("heldout")]
+    held = [p for p in pairs if p.get("heldout")]
+    desc = [l.strip() for l in open(os.path.join(world_dir, "descriptions_test.txt")) if l.strip()]
+    desc_h = [l.strip() for l in open(os.path.join(world_dir, "descriptions_test_heldout.txt")) if l.strip()]
+    return {"mp": minimal_pairs(model, sp, seen, device)["macro"],
+            "mp_heldout": minimal_pairs(model, sp, held, device)["macro"],
+            "desc_loss": text_loss(model, sp, desc, device)["loss"],
+            "desc_heldout_loss": text_loss(model, sp, desc_h, device)["loss"]}
+
+
+if __name__ == "__main__":
+    cli(main)
