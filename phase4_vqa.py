@@ -1,0 +1,338 @@
+"""
+Phase 4: answer questions about images.
+
+The whole VLM of phase 3 (or of phase 2, for ablations: --init phase2) is fine-tuned on (image,
+question, answer) triples, with the loss on the answer tokens only. The prompt format is fixed and
+is the same for training, greedy answering and ranking candidate answers (eval.vqa_prompt):
+
+    [image tokens] [BOS] question : <question> answer : <answer tokens> [EOS]
+    e.g.           [BOS] question : is there a red circle ? answer : yes [EOS]
+
+Targets are -1 (no loss) on the question and on padding; the answer tokens and EOS carry the loss.
+At the end the best checkpoint answers held-out questions (world: vqa_test images) and accuracy is
+reported per question type, by greedy generation (exact match after normalisation, or the VQA
+accuracy min(#humans who gave the answer / 3, 1) for VQAv2) and by ranking candidate answers by
+log-probability, next to the majority baseline (always the most frequent training answer of the type).
+
+    python phase4_vqa.py                          # after phase3_synth.py, built-in world
+    python phase4_vqa.py --init phase2            # ablation: skip self-synthesis
+    python phase4_vqa.py --vqa_questions q.json --vqa_annotations a.json --vqa_images train2014/
+Reads out/phase3/best.pt, writes out/phase4/best.pt (lowest val answer loss), last.pt, results.json.
+"""
+import argparse
+import json
+import os
+import sys
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from common import (UserError, add_run_args, all_reduce_mean, check_finite, check_range, check_vocab, cleanup, cli,
+                    fmt_speed, load_checkpoint, lr_at, make_checkpoint, make_optimizer, Meter, save_checkpoint, set_lr,
+                    set_rng_state, setup, StopFlag, wrap_model)
+from data.images import split_indices
+from data.vqa import (answers_by_type, load_vqav2, load_world_vqa, split_by_image, vqav2_candidates,
+                      world_candidates)
+from eval import vqa_accuracy, vqa_answer_ids, vqa_generate, vqa_prompt, vqa_rank
+from model import VLM, build_model
+from tokenizer import PAD, load_tokenizer
+
+PHASE = "phase4"
+INIT_SCRIPTS = {"phase3": "python phase3_synth.py", "phase2": "python phase2_caption.py"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # starting point and data
+    p.add_argument("--init", default="phase3", choices=sorted(INIT_SCRIPTS),
+                   help="which earlier phase's best.pt to start from (phase2 = ablation without self-synthesis)")
+    p.add_argument("--world_dir", default="data/world")
+    p.add_argument("--vqa_questions", default="", help="VQAv2 questions JSON; empty = the built-in world")
+    p.add_argument("--vqa_annotations", default="", help="VQAv2 annotations JSON (with --vqa_questions)")
+    p.add_argument("--vqa_images", default="", help="folder of the images the questions ask about")
+    p.add_argument("--vqa_image_pattern", default="",
+                   help="e.g. 'COCO_train2014_{image_id:012d}.jpg'; empty = find files by the digits in their names")
+    p.add_argument("--vqa_val_frac", type=float, default=0.1, help="VQAv2: fraction of images held out for val/test")
+    # optimisation
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--max_steps", type=int, default=600)
+    p.add_argument("--lr_vision", type=float, default=1e-3, help="ViT + projector")
+    p.add_argument("--lr_decoder", type=float, default=1e-3, help="the decoder")
+    p.add_argument("--freeze_decoder", action="store_true")
+    p.add_argument("--freeze_vit", action="store_true")
+    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--min_lr_frac", type=float, default=0.1)
+    p.add_argument("--weight_decay", type=float, default=0.1)
+    p.add_argument("--grad_clip", type=float, default=1.0)
+    # evaluation / logging
+    p.add_argument("--eval_interval", type=int, default=100)
+    p.add_argument("--eval_batches", type=int, default=8)
+    p.add_argument("--log_interval", type=int, default=25)
+    p.add_argument("--n_test", type=int, default=1000, help="held-out questions answered at the end")
+    p.add_argument("--max_answer_tokens", type=int, default=12, help="longer answers are cut; also the generation limit")
+    add_run_args(p, PHASE)
+    args = p.parse_args(argv)
+    for name, lo in [("batch_size", 1), ("max_steps", 1), ("warmup", 0), ("eval_interval", 1), ("eval_batches", 1),
+                     ("log_interval", 1), ("n_test", 0), ("max_answer_tokens", 1)]:
+        check_range(name, getattr(args, name), lo=lo)
+    check_range("min_lr_frac", args.min_lr_frac, lo=0, hi=1)
+    check_range("vqa_val_frac", args.vqa_val_frac, lo=0, hi=0.5, lo_open=True)
+    check_range("weight_decay", args.weight_decay, lo=0)
+    check_range("grad_clip", args.grad_clip, lo=0)
+    for name in ("lr_vision", "lr_decoder"):
+        check_range(name, getattr(args, name), lo=0, lo_open=True)
+    vqa = [args.vqa_questions, args.vqa_annotations, args.vqa_images]
+    if any(vqa) and not all(vqa):
+        raise UserError("VQAv2 data needs all three of --vqa_questions, --vqa_annotations and --vqa_images")
+    return args
+
+
+def pack(images, rows, sp, max_answer_tokens, max_len):
+    """Tokenize question records once -> SimpleNamespace(images uint8 (N,H,W,3), image [row per question],
+    prompts [vqa_prompt ids], answers [answer ids + EOS], rows [records]). Answers are cut to
+    max_answer_tokens; questions whose prompt + answer exceed max_len tokens are skipped."""
+    prompts = [vqa_prompt(sp, r["question"]) for r in rows]
+    answers = [vqa_answer_ids(sp, r["answer"]) for r in rows]
+    answers = [a[:-1][:max_answer_tokens] + a[-1:] for a in answers]  # cut long answers, keep EOS
+    keep = [k for k in range(len(rows)) if len(prompts[k]) + len(answers[k]) <= max_len]
+    if len(keep) < len(rows):
+        print(f"warning: {len(rows) - len(keep)} question(s) too long for the decoder's context; skipped",
+              file=sys.stderr)
+    return SimpleNamespace(images=images, image=np.array([rows[k]["image"] for k in keep], dtype=np.int64),
+                           prompts=[prompts[k] for k in keep], answers=[answers[k] for k in keep],
+                           rows=[rows[k] for k in keep])
+
+
+def load_vqa_data(args, sp, image_size, max_len):
+    """-> dict split -> packed questions (see pack), and the training answers of each type, most
+    frequent first (the majority baseline and the ranking candidates come from them)."""
+    def pack_split(images, rows):
+        return pack(images, rows, sp, args.max_answer_tokens, max_len)
+
+    if args.vqa_questions:
+        images, rows = load_vqav2(args.vqa_questions, args.vqa_annotations, args.vqa_images, image_size,
+                                  os.path.join(args.out_dir, "cache"), args.vqa_image_pattern)
+        if len(images) < 2:
+            raise UserError(f"{args.vqa_images} has {len(images)} usable image(s); need at least 2 (train + val)")
+        _, va = split_indices(len(images), args.vqa_val_frac)
+        tr_rows, va_rows = split_by_image(rows, va)
+        data = {"train": pack_split(images, tr_rows), "val": pack_split(images, va_rows),
+                "test": pack_split(images, va_rows)}
+    else:
+        from data.world import ensure_built
+        ensure_built(args.world_dir)
+        data = {s: pack_split(*load_world_vqa(args.world_dir, s)) for s in ("train", "val", "test")}
+    for s, d in data.items():
+        if not d.rows:
+            raise UserError(f"no usable {s} questions")
+    if data["train"].images.shape[1:3] != (image_size, image_size):
+        raise UserError(f"the images are {data['train'].images.shape[1]}px but the model's ViT takes {image_size}px")
+    ranked, _ = answers_by_type(data["train"].rows)
+    return data, ranked
+
+
+def vqa_batch(data, idx):
+    """images (B,H,W,3) uint8 and right-padded (B,T) inputs/targets for questions idx.
+    Row b is prompt + answer + EOS, shifted by one; targets are -1 on the prompt and on padding, so
+    only the answer tokens and EOS carry loss."""
+    seqs = [data.prompts[i] + data.answers[i] for i in idx]
+    T = max(len(s) for s in seqs) - 1
+    x = torch.full((len(seqs), T), PAD, dtype=torch.long)
+    y = torch.full((len(seqs), T), -1, dtype=torch.long)
+    for r, (i, s) in enumerate(zip(idx, seqs)):
+        n_prompt = len(data.prompts[i])
+        x[r, :len(s) - 1] = torch.tensor(s[:-1])
+        # position t predicts token t+1: the first answer token is predicted at position n_prompt-1
+        y[r, n_prompt - 1:len(s) - 1] = torch.tensor(s[n_prompt:])
+    rows = data.image[np.asarray(idx)]
+    order = np.argsort(rows, kind="stable")
+    images = torch.from_numpy(np.asarray(data.images[rows[order]]))  # sorted reads: fast memmap
+    return images[torch.from_numpy(np.argsort(order))], x, y
+
+
+def to_run(run, *ts):
+    if run.device_type == "cuda":
+        return [t.pin_memory().to(run.device, non_blocking=True) for t in ts]
+    return [t.to(run.device) for t in ts]
+
+
+@torch.no_grad()
+def evaluate(model, val, args, run):
+    """Answer loss on the first eval_batches*batch_size val questions."""
+    model.eval()
+    losses = []
+    n = min(len(val.rows), args.eval_batches * args.batch_size)
+    for b0 in range(0, n, args.batch_size):
+        imgs, x, y = to_run(run, *vqa_batch(val, np.arange(b0, min(b0 + args.batch_size, n))))
+        with run.autocast:
+            _, loss = model(imgs, x, y)
+        losses.append(loss.item())
+    model.train()
+    return all_reduce_mean(float(np.mean(losses)), run)
+
+
+def test_report(model, sp, test, ranked, n, vqav2, args, device):
+    """Accuracy by type on the first n test questions: majority baseline, greedy, ranked.
+    Returns {type: {n, majority, greedy, ranked}} with an 'all' entry, and the greedy answers."""
+    rows = test.rows[:n]
+    imgs = np.asarray(test.images[test.image[:n]])  # one image per question
+    questions = [r["question"] for r in rows]
+    greedy = vqa_generate(model, sp, imgs, questions, max_new_tokens=args.max_answer_tokens, device=device)
+    cands = [vqav2_candidates(r, ranked) if vqav2 else world_candidates(r, ranked) for r in rows]
+    chosen = vqa_rank(model, sp, imgs, questions, cands, device=device)
+    majority = {t: answers[0] for t, answers in ranked.items()}
+    per = {}
+    for r, g, c in zip(rows, greedy, chosen):
+        for t in (r["type"], "all"):
+            s = per.setdefault(t, {"n": 0, "majority": 0.0, "greedy": 0.0, "ranked": 0.0})
+            s["n"] += 1
+            s["majority"] += vqa_accuracy(majority.get(r["type"], ""), r["answers"])
+            s["greedy"] += vqa_accuracy(g, r["answers"])
+            s["ranked"] += vqa_accuracy(c, r["answers"])
+    for s in per.values():
+        for k in ("majority", "greedy", "ranked"):
+            s[k] /= s["n"]
+    order = sorted(t for t in per if t != "all") + ["all"]
+    return {t: per[t] for t in order}, greedy
+
+
+def print_table(per):
+    print(f"{'type':<12} | {'n':>5} | {'majority':>8} | {'greedy':>7} | {'ranked':>7}")
+    print("-" * 51)
+    for t, s in per.items():
+        print(f"{t:<12} | {s['n']:>5} | {100 * s['majority']:>7.1f}% | {100 * s['greedy']:>6.1f}% | "
+              f"{100 * s['ranked']:>6.1f}%")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    run = setup(args)
+    if args.batch_size % run.world_size:
+        raise UserError(f"--batch_size={args.batch_size} must be divisible by the {run.world_size} processes")
+    out = os.path.join(args.out_dir, PHASE)
+    best_path, last_path = os.path.join(out, "best.pt"), os.path.join(out, "last.pt")
+    prev_path = os.path.join(args.out_dir, args.init, "best.pt")
+
+    # ---- the VLM: from the chosen earlier phase, or everything back from last.pt
+    gen = torch.Generator().manual_seed(args.seed)
+    step, best_val = 0, float("inf")
+    if args.resume:
+        ckpt = load_checkpoint(last_path, PHASE, run_first="python phase4_vqa.py")
+        src, src_path = ckpt, last_path
+    else:
+        src, src_path = load_checkpoint(prev_path, args.init, run_first=INIT_SCRIPTS[args.init]), prev_path
+    if not src.get("vit_config"):
+        raise UserError(f"{src_path} holds no vision model; phase 4 needs a phase 2 or phase 3 VLM")
+    sp = load_tokenizer(src["tokenizer"])
+    check_vocab(src, sp, src_path)
+    model = build_model(src).to(run.device)
+    assert isinstance(model, VLM)
+    P = model.projector.num_tokens()
+    data, ranked = load_vqa_data(args, sp, model.vit.cfg.image_size, model.decoder.cfg.max_seq_len - P)
+    train, val = data["train"], data["val"]
+    vqav2 = bool(args.vqa_questions)
+
+    for p in model.decoder.parameters():
+        p.requires_grad_(not args.freeze_decoder)
+    for p in model.vit.parameters():
+        p.requires_grad_(not args.freeze_vit)
+    groups = [(list(model.vit.parameters()) + list(model.projector.parameters()), args.lr_vision),
+              (model.decoder.parameters(), args.lr_decoder)]
+    optimizer = make_optimizer(groups, args.weight_decay, (0.9, 0.95), run.device_type)
+    if args.resume:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"], {"data": gen})
+        step, best_val = ckpt["step"], ckpt["best_val"]
+        if run.master:
+            print(f"resumed from {last_path} at step {step} (best val {best_val:.4f})")
+    dmodel = wrap_model(model, run, args.compile)
+
+    mean_len = float(np.mean([len(p) + len(a) for p, a in zip(train.prompts[:2000], train.answers[:2000])]))
+    flops_per_sample = model.flops_per_sample(mean_len)
+    if run.master:
+        types = ", ".join(f"{t} {len(a)}" for t, a in sorted(ranked.items()))
+        print(f"device {run.device} x{run.world_size} | {len(train.rows):,} train questions on {len(set(train.image)):,} "
+              f"images | {len(val.rows):,} val | {P} image tokens | from {src_path} | answers per type: {types}")
+
+    def checkpoint(val_loss, with_optimizer):
+        return make_checkpoint(model, PHASE, src["tokenizer"], step, val_loss, best_val, args,
+                               optimizer if with_optimizer else None, {"data": gen})
+
+    def show_samples(k=4):
+        idx = np.arange(min(k, len(val.rows)))
+        imgs = np.asarray(val.images[val.image[idx]])
+        answers = vqa_generate(model, sp, imgs, [val.rows[i]["question"] for i in idx], device=run.device)
+        for i, a in zip(idx, answers):
+            tqdm.write(f"   {val.rows[i]['question']}  model: {a} | ref: {val.rows[i]['answer']}")
+
+    # ---- training loop
+    stop = StopFlag()
+    meter = Meter(run)
+    pbar = tqdm(total=args.max_steps, initial=step, disable=not run.master or args.quiet, desc=PHASE, dynamic_ncols=True)
+    val_loss = float("nan")
+    while True:
+        last_step = step == args.max_steps
+        if step % args.eval_interval == 0 or last_step:
+            val_loss = evaluate(dmodel, val, args, run)
+            if run.master:
+                tqdm.write(f"step {step} | val answer loss {val_loss:.4f}")
+                if step > 0:
+                    show_samples()
+                if val_loss < best_val:
+                    best_val = val_loss
+                    save_checkpoint(checkpoint(val_loss, False), best_path)
+                save_checkpoint(checkpoint(val_loss, True), last_path)
+            meter.reset()
+        if last_step:
+            break
+
+        set_lr(optimizer, lr_at(step, 1.0, args.max_steps, args.warmup, args.min_lr_frac))
+        idx = torch.randint(len(train.rows), (args.batch_size,), generator=gen).numpy()
+        idx = idx[run.rank::run.world_size]  # same global batch, each rank its own rows
+        imgs, x, y = to_run(run, *vqa_batch(train, idx))
+        with run.autocast:
+            _, loss = dmodel(imgs, x, y)
+        loss.backward()
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = loss.item()
+        check_finite(loss_value, step, out)
+        step += 1
+        meter.add(tokens=int((y >= 0).sum()), images=len(idx), flops=flops_per_sample * len(idx))
+        pbar.update(1)
+        if run.master and step % args.log_interval == 0:
+            tqdm.write(f"step {step} | loss {loss_value:.4f} | lr {optimizer.param_groups[0]['lr']:.2e} | "
+                       f"{fmt_speed(meter.report())}")
+        if stop.stop:
+            if run.master:
+                save_checkpoint(checkpoint(val_loss, True), last_path)
+                tqdm.write(f"interrupted: saved {last_path} at step {step}; continue with --resume")
+            cleanup(run)
+            sys.exit(130 if stop.signum == 2 else 143)
+    pbar.close()
+
+    # ---- held-out questions from the best checkpoint
+    if run.master and args.n_test > 0:
+        best = build_model(load_checkpoint(best_path, PHASE)).to(run.device)
+        test = data["test"]
+        n = min(args.n_test, len(test.rows))
+        per, greedy = test_report(best, sp, test, ranked, n, vqav2, args, run.device)
+        where = "held-out images" if vqav2 else "held-out world images (vqa_test)"
+        print(f"{where}: accuracy by question type on {n} questions (init {args.init})")
+        print_table(per)
+        for r, g in list(zip(test.rows, greedy))[:5]:
+            print(f"   {r['question']}  model: {g} | ref: {r['answer']}")
+        result = {"best_val_loss": best_val, "n_test": n, "init": args.init, "steps": step, "by_type": per}
+        with open(os.path.join(out, "results.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    if run.master:
+        print(f"done: best val answer loss {best_val:.4f} -> {best_path}")
+    cleanup(run)
+
+
+if __name__ == "__main__":
+    cli(main)
