@@ -176,11 +176,16 @@ def save_checkpoint(obj, path):
     half-written checkpoint where a good one was."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # failed or interrupted mid-write: the old checkpoint stays, no temp file is left
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load_checkpoint(path, expect_phase=None, run_first=None):
@@ -257,9 +262,10 @@ class StopFlag:
         self.signum = signum
 
 
-def check_finite(loss_value, step, out_path):
+def check_finite(loss_value, step, out_path, what="loss"):
+    """Call before anything from this step is saved, so a NaN/inf never reaches a checkpoint."""
     if not math.isfinite(loss_value):
-        raise UserError(f"loss became {loss_value} at step {step}; stopped, the last good checkpoint in {out_path} is kept. "
+        raise UserError(f"{what} became {loss_value} at step {step}; stopped, the last good checkpoint in {out_path} is kept. "
                         "Try a lower --lr or check the data")
 
 

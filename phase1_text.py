@@ -218,6 +218,7 @@ def main(argv=None):
         last_step = step == args.max_steps
         if step % args.eval_interval == 0 or last_step:
             val_loss = evaluate(dmodel, val, args, run)
+            check_finite(val_loss, step, out, "val loss")  # same value on every rank: all stop together
             if run.master:
                 tqdm.write(f"step {step} | val loss {val_loss:.4f} (unigram entropy {H_unigram:.4f})")
                 if val_loss < best_val:
@@ -240,7 +241,7 @@ def main(argv=None):
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_value = loss.item()
+        loss_value = all_reduce_mean(loss.item(), run)  # the global batch's loss, the same on every rank
         check_finite(loss_value, step, out)
         step += 1
         meter.add(tokens=x.numel() * args.grad_accum, flops=flops_per_step)

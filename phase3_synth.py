@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 import phase1_text
-from common import (UserError, add_run_args, check_finite, check_range, check_vocab, cleanup, cli, fmt_speed,
+from common import (UserError, add_run_args, all_reduce_mean, check_finite, check_range, check_vocab, cleanup, cli, fmt_speed,
                     load_checkpoint, lr_at, make_checkpoint, make_optimizer, Meter, read_jsonl, save_checkpoint,
                     set_lr, set_rng_state, setup, StopFlag, wrap_model)
 from data.images import load_world_split
@@ -233,6 +233,7 @@ def main(argv=None):
         last_step = step == args.max_steps
         if step % args.eval_interval == 0 or last_step:
             val_loss = phase1_text.evaluate(ddecoder, real_val, val_args, run)  # real held-out text
+            check_finite(val_loss, step, out, "val loss")  # same value on every rank: all stop together
             if run.master:
                 tqdm.write(f"step {step} | val loss on real text {val_loss:.4f}")
                 if val_loss < best_val:
@@ -251,7 +252,7 @@ def main(argv=None):
             torch.nn.utils.clip_grad_norm_(decoder.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_value = loss.item()
+        loss_value = all_reduce_mean(loss.item(), run)  # the global batch's loss, the same on every rank
         check_finite(loss_value, step, out)
         step += 1
         meter.add(tokens=x.numel(), flops=flops_per_step)

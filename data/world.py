@@ -1216,17 +1216,21 @@ def build(out_dir, seed=0, scale=1.0, size=32, progress=True):
         json.dump(meta, f, indent=1)
 
 
-def ensure_built(out_dir="data/world", seed=0, scale=1.0, size=32):
-    """Build the world unless out_dir already holds one with these settings. Returns out_dir."""
+def ensure_built(out_dir="data/world", seed=None, scale=None, size=None):
+    """Build the world unless out_dir already holds one with these settings. Returns out_dir.
+    A setting left as None accepts whatever the finished world in out_dir has (so a world built with
+    `python -m data.world --scale 0.05` is used as it is); a missing world is built with the defaults
+    (seed 0, scale 1, size 32)."""
+    want = {"format_version": FORMAT_VERSION, "seed": seed, "scale": scale, "size": size}
     try:
         with open(os.path.join(out_dir, "meta.json")) as f:
             meta = json.load(f)
-        if (meta.get("format_version"), meta.get("seed"), meta.get("scale"), meta.get("size")) == \
-                (FORMAT_VERSION, seed, scale, size):
+        if all(v is None or meta.get(k) == v for k, v in want.items()):
             return out_dir
     except (OSError, ValueError):
         pass
-    build(out_dir, seed=seed, scale=scale, size=size)
+    build(out_dir, seed=0 if seed is None else seed, scale=1.0 if scale is None else scale,
+          size=32 if size is None else size)
     return out_dir
 
 

@@ -1,0 +1,357 @@
+"""Issue 9: the phase scripts, driven as a user drives them (subprocesses on CPU), fail with one clear line
+and no traceback on bad input, never damage an earlier checkpoint, stop on a non-finite loss, save a
+resumable checkpoint on SIGTERM, and reproduce bit for bit.
+
+Every run is tiny (see conftest.py); the shared phase 1 / phase 2 runs are copied before a test breaks them.
+"""
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import (P1_STEPS, P2_STEPS, ROOT, TIMEOUT, TINY_P1, TINY_P2, assert_ok, assert_user_error, hashes,
+                      load, run_many, run_script, script_cmd, script_env, sha, tensors)
+
+TINY_P3 = ["--batch_size", "8", "--seq_len", "32", "--max_steps", "2", "--n_images", "16", "--gen_batch", "16",
+           "--eval_iters", "1", "--max_caption_tokens", "20"]
+
+
+def out_of(d, *parts):
+    return os.path.join(d, "out", *parts)
+
+
+def assert_all_finite(path):
+    ck = load(path)
+    for k, t in tensors(ck["model"]).items():
+        assert torch.isfinite(t).all(), f"{path}: {k} holds NaN/inf"
+    return ck
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Missing, wrong-phase, damaged and mismatched checkpoints
+
+def test_missing_previous_checkpoint_names_the_command_to_run(tmp_path, world, phase1_dir, copy_run):
+    empty = str(tmp_path / "empty")
+    os.makedirs(empty)
+    d = copy_run(phase1_dir)  # phase 1 done, nothing else
+    os.remove(out_of(d, "phase1", "last.pt"))
+    before = hashes(out_of(d))
+    r2, r3, r1_resume, r2_resume = run_many([
+        ("phase2_caption.py", ["--world_dir", world, "--out_dir", "out"], empty),
+        ("phase3_synth.py", ["--world_dir", world, "--out_dir", "out", *TINY_P3], d),
+        ("phase1_text.py", ["--world_dir", world, "--out_dir", "out", "--resume", *TINY_P1], d),
+        ("phase2_caption.py", ["--world_dir", world, "--out_dir", "out", "--resume", *TINY_P2], d),
+    ])
+    assert_user_error(r2, "phase1/best.pt", "not found", "python phase1_text.py")
+    assert_user_error(r3, "phase2/best.pt", "not found", "python phase2_caption.py")
+    assert_user_error(r1_resume, "phase1/last.pt", "python phase1_text.py")
+    assert_user_error(r2_resume, "phase2/last.pt", "python phase2_caption.py")
+    assert hashes(out_of(d)) == before
+    assert not os.path.exists(out_of(empty, "phase2", "best.pt"))
+
+
+def test_wrong_phase_or_damaged_checkpoint(world, pipeline, copy_run):
+    a = copy_run(pipeline)  # "phase2/best.pt" is really a phase 1 checkpoint
+    shutil.copy(out_of(a, "phase1", "best.pt"), out_of(a, "phase2", "best.pt"))
+    b = copy_run(pipeline)  # "phase1/best.pt" is really a phase 2 checkpoint
+    shutil.copy(out_of(b, "phase2", "best.pt"), out_of(b, "phase1", "best.pt"))
+    c = copy_run(pipeline)  # phase1/best.pt cut off half way, as by a crash of a non-atomic writer
+    p = out_of(c, "phase1", "best.pt")
+    with open(p, "rb") as f:
+        data = f.read()
+    with open(p, "wb") as f:
+        f.write(data[:len(data) // 2])
+    before = {d: hashes(out_of(d)) for d in (a, b, c)}
+    r3, r2, r2_cut = run_many([
+        ("phase3_synth.py", ["--world_dir", world, "--out_dir", "out", *TINY_P3], a),
+        ("phase2_caption.py", ["--world_dir", world, "--out_dir", "out", *TINY_P2], b),
+        ("phase2_caption.py", ["--world_dir", world, "--out_dir", "out", *TINY_P2], c),
+    ])
+    assert_user_error(r3, "phase2/best.pt is a phase1 checkpoint")
+    assert_user_error(r2, "phase1/best.pt is a phase2 checkpoint")
+    assert_user_error(r2_cut, "phase1/best.pt", "damaged")
+    for d in (a, b, c):
+        assert hashes(out_of(d)) == before[d]
+
+
+def test_vocab_mismatch_between_checkpoint_and_tokenizer(world, phase1_dir, copy_run):
+    from data.text import read_lines
+    from tokenizer import train_tokenizer
+    d = copy_run(phase1_dir)
+    # the tokenizer in the out dir was retrained with another vocabulary after phase 1 ran
+    train_tokenizer(read_lines(os.path.join(world, "text_train.txt")), out_of(d, "tokenizer.model"), 300)
+    before = hashes(out_of(d))
+    r2, r1 = run_many([
+        ("phase2_caption.py", ["--world_dir", world, "--out_dir", "out", *TINY_P2], d),
+        ("phase1_text.py", ["--world_dir", world, "--out_dir", "out", "--resume", *TINY_P1], d),
+    ])
+    assert_user_error(r2, "vocab", "512", "300")
+    assert_user_error(r1, "vocab", "512", "300")
+    assert hashes(out_of(d)) == before
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_device_cuda_without_cuda(tmp_path, world):
+    r = run_script("phase1_text.py", "--world_dir", world, "--out_dir", str(tmp_path / "out"), *TINY_P1,
+                   "--device", "cuda")
+    assert_user_error(r, "--device cuda", "CUDA is not available")
+    assert not os.path.exists(tmp_path / "out" / "phase1")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data folders and files
+
+def test_empty_or_missing_data_folders(tmp_path, phase1_dir, copy_run):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    short = tmp_path / "short"  # BabyLM format, but nothing long enough to be an utterance
+    short.mkdir()
+    (short / "childes.train").write_text("*MOT:\tah .\n*CHI:\tok .\n")
+    d = copy_run(phase1_dir)
+    before = hashes(out_of(d))
+    o = str(tmp_path / "o")
+    r = run_many([
+        ("phase1_text.py", ["--data_dir", str(tmp_path / "missing"), "--out_dir", o + "1"]),
+        ("phase1_text.py", ["--data_dir", str(empty), "--out_dir", o + "2"]),
+        ("phase1_text.py", ["--data_dir", str(short), "--out_dir", o + "3"]),
+        ("phase2_caption.py", ["--coco_dir", str(tmp_path / "missing"), "--out_dir", "out", *TINY_P2], d),
+        ("phase2_caption.py", ["--coco_dir", str(empty), "--out_dir", "out", *TINY_P2], d),
+    ])
+    assert_user_error(r[0], "missing", "does not exist")
+    assert_user_error(r[1], "no *.train files")
+    assert_user_error(r[2], "no usable text")
+    assert_user_error(r[3], "missing", "does not exist")
+    assert_user_error(r[4], "no captions_*.json")
+    assert hashes(out_of(d)) == before
+
+
+def make_coco(root, world, n, bad=()):
+    """A tiny COCO-captions folder from world images saved as non-square JPEGs. bad: {index: "garbage" |
+    "truncated"} files replaced by something that is not a readable image."""
+    from PIL import Image
+    images = np.load(os.path.join(world, "caption_train_images.npy"))
+    with open(os.path.join(world, "caption_train.jsonl")) as f:
+        rows = [json.loads(l) for l in f]
+    os.makedirs(os.path.join(root, "train2017"))
+    os.makedirs(os.path.join(root, "annotations"))
+    ims, anns = [], []
+    for i in range(n):
+        name = f"{i + 1:012d}.jpg"
+        path = os.path.join(root, "train2017", name)
+        Image.fromarray(images[i]).resize((48, 40)).save(path, quality=95)
+        if bad and bad.get(i) == "garbage":
+            with open(path, "wb") as f:
+                f.write(b"this is not a jpeg at all\n" * 20)
+        elif bad and bad.get(i) == "truncated":
+            with open(path, "rb") as f:
+                data = f.read()
+            with open(path, "wb") as f:
+                f.write(data[:len(data) // 2])
+        ims.append({"id": i + 1, "file_name": name, "width": 48, "height": 40})
+        for c in rows[i]["captions"][:2]:
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "caption": c})
+    ann_path = os.path.join(root, "annotations", "captions_train2017.json")
+    with open(ann_path, "w") as f:
+        json.dump({"images": ims, "annotations": anns}, f, indent=1)
+    return ann_path
+
+
+def test_coco_folder_with_corrupt_images(tmp_path, world, phase1_dir, copy_run):
+    some_bad = str(tmp_path / "coco_some_bad")
+    make_coco(some_bad, world, 6, bad={1: "garbage", 4: "truncated"})
+    with open(os.path.join(some_bad, "train2017", "notes.txt"), "w") as f:
+        f.write("not an image, and not listed in the captions file\n")
+    all_bad = str(tmp_path / "coco_all_bad")
+    make_coco(all_bad, world, 3, bad={0: "garbage", 1: "truncated", 2: "garbage"})
+    d, e = copy_run(phase1_dir), copy_run(phase1_dir)
+    before = hashes(out_of(d, "phase1"))
+    ok, bad = run_many([
+        ("phase2_caption.py", ["--coco_dir", some_bad, "--out_dir", "out", *TINY_P2, "--max_steps", "3"], d),
+        ("phase2_caption.py", ["--coco_dir", all_bad, "--out_dir", "out", *TINY_P2], e),
+    ])
+    assert_ok(ok)
+    assert "warning: skipped 2 unreadable image(s)" in ok.stderr, ok.stderr
+    assert "Traceback" not in ok.stderr
+    assert "3 train images" in ok.stdout  # 4 readable: 1 for validation, 3 for training
+    with open(out_of(d, "phase2", "results.json")) as f:
+        assert "bleu4" in json.load(f)
+    assert hashes(out_of(d, "phase1")) == before
+    assert_user_error(bad, "none of the 3 images")
+
+
+def test_malformed_json_and_jsonl_name_the_line(tmp_path, world, pipeline, copy_run):
+    coco = str(tmp_path / "coco")
+    ann = make_coco(coco, world, 4)
+    with open(ann, "w") as f:
+        f.write('{\n "images": [{"id": 1, "file_name": "000000000001.jpg"}],\n "annotations": [,]\n}\n')
+    synth = str(tmp_path / "bad.jsonl")
+    with open(synth, "w") as f:
+        f.write('{"image": 0, "caption": "a red circle .", "logprob": -0.5}\n'
+                '{"image": 1, "caption": "a big blue square .", "logprob": -0.7}\n'
+                '{"image": 2, "caption": "a small gre\n'
+                '{"image": 3, "caption": "two objects .", "logprob": -0.9}\n')
+    d = copy_run(pipeline)
+    before = hashes(out_of(d))
+    r2, r3 = run_many([
+        ("phase2_caption.py", ["--coco_dir", coco, "--out_dir", "out", *TINY_P2], d),
+        ("phase3_synth.py", ["--world_dir", world, "--out_dir", "out", "--synthetic", synth, *TINY_P3], d),
+    ])
+    assert_user_error(r2, "captions_train2017.json", "line 3", "malformed JSON")
+    assert_user_error(r3, "bad.jsonl", "line 3", "malformed JSON")
+    assert hashes(out_of(d)) == before
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Out-of-range configuration
+
+def test_out_of_range_values(tmp_path):
+    o = str(tmp_path / "out")
+    r = run_many([
+        ("phase1_text.py", ["--out_dir", o, "--lr", "-1"]),
+        ("phase2_caption.py", ["--out_dir", o, "--batch_size", "0"]),
+        ("phase3_synth.py", ["--out_dir", o, "--synthetic_frac", "1.5"]),
+        ("phase1_text.py", ["--out_dir", o, "--d_model", "30", "--n_head", "4"]),
+    ])
+    assert_user_error(r[0], "--lr=-1.0", "out of range")
+    assert_user_error(r[1], "--batch_size=0", "out of range")
+    assert_user_error(r[2], "--synthetic_frac=1.5", "out of range")
+    assert_user_error(r[3], "--d_model=30", "--n_head=4")
+    assert not os.path.exists(o)  # rejected before anything was written
+
+
+def test_out_of_range_values_in_process():
+    """The same checks for values a shell makes awkward (nan, inf) and the rest of each phase's knobs."""
+    import phase1_text
+    import phase2_caption
+    import phase3_synth
+    from common import UserError
+    cases = [(phase1_text, ["--lr", "nan"]), (phase1_text, ["--lr", "inf"]), (phase1_text, ["--vocab_size", "100"]),
+             (phase1_text, ["--min_lr_frac", "1.5"]), (phase1_text, ["--grad_accum", "0"]),
+             (phase2_caption, ["--text_frac", "0.95"]), (phase2_caption, ["--vit_d", "30"]),
+             (phase2_caption, ["--lr_decoder", "0"]), (phase3_synth, ["--temperature", "-1"]),
+             (phase3_synth, ["--init", "phase1"]), (phase3_synth, ["--max_steps", "0"])]
+    for mod, argv in cases:
+        with pytest.raises(UserError, match=re.escape(argv[0])):
+            mod.parse_args(argv)
+    phase1_text.parse_args(["--lr", "1e-3", "--d_model", "32", "--n_head", "2"])  # in range: accepted
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Non-finite loss
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(world, phase1_dir, copy_run):
+    d1, d2 = copy_run(phase1_dir), copy_run(phase1_dir)
+    p1_before = hashes(out_of(d2, "phase1"))
+    # a huge learning rate, no warmup: the first update blows the weights up, the next loss is NaN/inf
+    r1, r2 = run_many([
+        ("phase1_text.py", ["--world_dir", world, "--out_dir", "out", *TINY_P1, "--lr", "1e30", "--warmup", "0",
+                            "--eval_interval", "1"], d1),
+        ("phase2_caption.py", ["--world_dir", world, "--out_dir", "out", *TINY_P2, "--lr_new", "1e30",
+                               "--lr_decoder", "1e30", "--warmup", "0", "--eval_interval", "1"], d2),
+    ])
+    for r, d, phase in ((r1, d1, "phase1"), (r2, d2, "phase2")):
+        assert_user_error(r, "became", "last good checkpoint", os.path.join("out", phase))
+        failed_at = int(re.search(r"became (?:nan|inf|-inf) at step (\d+)", r.stderr).group(1))
+        best = assert_all_finite(out_of(d, phase, "best.pt"))
+        last = assert_all_finite(out_of(d, phase, "last.pt"))
+        assert last["step"] <= failed_at and best["step"] <= last["step"]
+    assert hashes(out_of(d2, "phase1")) == p1_before  # phase 2 never touches phase 1's checkpoints
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Atomic checkpoints (in-process: a failure between writing and renaming)
+
+def test_save_checkpoint_is_atomic(tmp_path, monkeypatch):
+    import common
+    p = str(tmp_path / "ck.pt")
+    common.save_checkpoint({"w": torch.arange(4.0)}, p)
+    good = sha(p)
+    with pytest.raises(Exception):  # cannot be pickled: fails mid-write
+        common.save_checkpoint({"w": torch.zeros(4), "f": lambda: 0}, p)
+    assert sha(p) == good and os.listdir(tmp_path) == ["ck.pt"]
+
+    def killed(*a):
+        raise KeyboardInterrupt  # e.g. a second Ctrl-C right before the rename
+    monkeypatch.setattr(common.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        common.save_checkpoint({"w": torch.zeros(4)}, p)
+    assert sha(p) == good and os.listdir(tmp_path) == ["ck.pt"]
+    monkeypatch.undo()
+    assert torch.equal(torch.load(p, weights_only=True)["w"], torch.arange(4.0))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# SIGTERM mid-run, then --resume == the uninterrupted run; same seed == same weights
+
+def run_and_terminate(script, args, cwd, at_step):
+    """Start a run, send SIGTERM once it has logged training step `at_step`; -> (exit code, output, signalled)."""
+    p = subprocess.Popen(script_cmd(script, *args), cwd=cwd, env=script_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    watchdog = threading.Timer(TIMEOUT, p.kill)  # never hang the test run
+    watchdog.start()
+    lines, sent = [], False
+    try:
+        for line in p.stdout:
+            lines.append(line)
+            m = re.match(r"step (\d+) \| loss", line)
+            if m and not sent and int(m.group(1)) >= at_step:
+                p.send_signal(signal.SIGTERM)
+                sent = True
+        rc = p.wait()
+    finally:
+        watchdog.cancel()
+        p.kill() if p.poll() is None else None
+    return rc, "".join(lines), sent
+
+
+def assert_same_checkpoint(a_path, b_path, keys=("model", "optimizer")):
+    a, b = load(a_path), load(b_path)
+    assert a["step"] == b["step"] and a["best_val"] == b["best_val"], (a["step"], b["step"])
+    for key in keys:
+        ta, tb = tensors(a[key]), tensors(b[key])
+        assert ta.keys() == tb.keys() and ta, key
+        for k in ta:
+            assert torch.equal(ta[k], tb[k]), f"{a_path} vs {b_path}: {key}.{k} differs"
+
+
+def check_interrupt_and_resume(script, phase, args, cwd, reference_dir, at_step, total):
+    rc, out, sent = run_and_terminate(script, args, cwd, at_step)
+    assert sent, f"the run ended before step {at_step} was logged\n{out[-3000:]}"
+    assert rc == 143, f"exit {rc}\n{out[-3000:]}"  # 128 + SIGTERM
+    assert "Traceback" not in out and "continue with --resume" in out, out[-3000:]
+    last = load(out_of(cwd, phase, "last.pt"))
+    assert at_step <= last["step"] < total and "optimizer" in last and "rng" in last
+    r = run_script(script, *args, "--resume", cwd=cwd)
+    assert_ok(r)
+    assert f"resumed from out/{phase}/last.pt at step {last['step']}" in r.stdout, r.stdout[-3000:]
+    assert_same_checkpoint(out_of(cwd, phase, "last.pt"), out_of(reference_dir, phase, "last.pt"))
+    assert_same_checkpoint(out_of(cwd, phase, "best.pt"), out_of(reference_dir, phase, "best.pt"), keys=("model",))
+
+
+def test_sigterm_then_resume_phase1_matches_uninterrupted_run(tmp_path, world, phase1_dir):
+    d = str(tmp_path / "run")
+    os.makedirs(d)
+    check_interrupt_and_resume("phase1_text.py", "phase1", ["--world_dir", world, "--out_dir", "out", *TINY_P1],
+                               d, reference_dir=phase1_dir, at_step=15, total=P1_STEPS)
+
+
+def test_sigterm_then_resume_phase2_matches_uninterrupted_run(world, phase1_dir, pipeline, copy_run):
+    d = copy_run(phase1_dir)
+    check_interrupt_and_resume("phase2_caption.py", "phase2", ["--world_dir", world, "--out_dir", "out", *TINY_P2],
+                               d, reference_dir=pipeline, at_step=5, total=P2_STEPS)
+
+
+def test_same_seed_same_result_phase1(tmp_path, world, phase1_dir):
+    d = str(tmp_path / "again")
+    os.makedirs(d)
+    assert_ok(run_script("phase1_text.py", "--world_dir", world, "--out_dir", "out", *TINY_P1, cwd=d))
+    assert sha(out_of(d, "tokenizer.model")) == sha(out_of(phase1_dir, "tokenizer.model"))
+    assert_same_checkpoint(out_of(d, "phase1", "best.pt"), out_of(phase1_dir, "phase1", "best.pt"), keys=("model",))
+    assert_same_checkpoint(out_of(d, "phase1", "last.pt"), out_of(phase1_dir, "phase1", "last.pt"))
