@@ -40,14 +40,17 @@ from model import VLM, build_model
 from tokenizer import PAD, load_tokenizer
 
 PHASE = "phase4"
-INIT_SCRIPTS = {"phase3": "python phase3_synth.py", "phase2": "python phase2_caption.py"}
+# --init: folder under out_dir -> (the phase its best.pt holds, the command that makes it)
+INITS = {"phase3": ("phase3", "python phase3_synth.py"), "phase2": ("phase2", "python phase2_caption.py"),
+         "phase3_control": ("phase3", "python phase3_synth.py --synthetic_frac 0")}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # starting point and data
-    p.add_argument("--init", default="phase3", choices=sorted(INIT_SCRIPTS),
-                   help="which earlier phase's best.pt to start from (phase2 = ablation without self-synthesis)")
+    p.add_argument("--init", default="phase3", choices=sorted(INITS),
+                   help="which earlier phase's best.pt to start from (ablations: phase2 = no self-synthesis, "
+                        "phase3_control = phase 3's real-text-only control)")
     p.add_argument("--world_dir", default="data/world")
     p.add_argument("--vqa_questions", default="", help="VQAv2 questions JSON; empty = the built-in world")
     p.add_argument("--vqa_annotations", default="", help="VQAv2 annotations JSON (with --vqa_questions)")
@@ -56,8 +59,8 @@ def parse_args(argv=None):
                    help="e.g. 'COCO_train2014_{image_id:012d}.jpg'; empty = find files by the digits in their names")
     p.add_argument("--vqa_val_frac", type=float, default=0.1, help="VQAv2: fraction of images held out for val/test")
     # optimisation
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--max_steps", type=int, default=600)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--max_steps", type=int, default=800, help="~3.5 min on 2 idle CPU cores, test included")
     p.add_argument("--lr_vision", type=float, default=1e-3, help="ViT + projector")
     p.add_argument("--lr_decoder", type=float, default=1e-3, help="the decoder")
     p.add_argument("--freeze_decoder", action="store_true")
@@ -67,8 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--weight_decay", type=float, default=0.1)
     p.add_argument("--grad_clip", type=float, default=1.0)
     # evaluation / logging
-    p.add_argument("--eval_interval", type=int, default=100)
-    p.add_argument("--eval_batches", type=int, default=8)
+    p.add_argument("--eval_interval", type=int, default=200)
+    p.add_argument("--eval_batches", type=int, default=16)
     p.add_argument("--log_interval", type=int, default=25)
     p.add_argument("--n_test", type=int, default=1000, help="held-out questions answered at the end")
     p.add_argument("--max_answer_tokens", type=int, default=12, help="longer answers are cut; also the generation limit")
@@ -222,7 +225,8 @@ def main(argv=None):
         ckpt = load_checkpoint(last_path, PHASE, run_first="python phase4_vqa.py")
         src, src_path = ckpt, last_path
     else:
-        src, src_path = load_checkpoint(prev_path, args.init, run_first=INIT_SCRIPTS[args.init]), prev_path
+        phase, command = INITS[args.init]
+        src, src_path = load_checkpoint(prev_path, phase, run_first=command), prev_path
     if not src.get("vit_config"):
         raise UserError(f"{src_path} holds no vision model; phase 4 needs a phase 2 or phase 3 VLM")
     sp = load_tokenizer(src["tokenizer"])
