@@ -189,14 +189,23 @@ def main(argv=None):
             images = load_unlabeled(args)
             if args.n_images:
                 images = images[:args.n_images]
-            rows = synthesize(model, sp, images, args, run) if run.master else []
-            write_synthetic(rows, syn_path)
-            sheet_of_examples(images, rows, os.path.join(out, "synthetic_sheet.png"))
+            if run.master:  # rank 0 dreams and writes the corpus; the other ranks wait and read it
+                rows = synthesize(model, sp, images, args, run)
+                write_synthetic(rows, syn_path)
+                sheet_of_examples(images, rows, os.path.join(out, "synthetic_sheet.png"))
+            if run.ddp:
+                import torch.distributed as dist
+                dist.barrier()
+            if not run.master:
+                rows = read_synthetic(syn_path)
         kept = filter_synthetic(rows, args.min_logprob, args.dedup)
-        print(f"synthetic corpus: {len(rows):,} captions, {len(kept):,} kept after filtering -> {syn_path}")
+        if run.master:
+            print(f"synthetic corpus: {len(rows):,} captions, {len(kept):,} kept after filtering -> {syn_path}")
         if not kept:
             raise UserError("no synthetic captions left after filtering; lower --min_logprob or drop --dedup")
-        synth = phase1_text.tokenize_lines([r["caption"] for r in kept], sp, os.path.join(out, "synthetic_tokens.npy"), BOS, EOS)
+        # one file per rank: ranks writing the same file at once would race on its temp name
+        tok_name = "synthetic_tokens.npy" if run.master else f"synthetic_tokens_rank{run.rank}.npy"
+        synth = phase1_text.tokenize_lines([r["caption"] for r in kept], sp, os.path.join(out, tok_name), BOS, EOS)
         if len(synth) <= args.seq_len + 1:
             raise UserError(f"synthetic corpus has {len(synth)} tokens, fewer than --seq_len={args.seq_len}; caption more images")
 

@@ -111,25 +111,38 @@ def test_device_cuda_without_cuda(tmp_path, world):
 def test_empty_or_missing_data_folders(tmp_path, phase1_dir, copy_run):
     empty = tmp_path / "empty"
     empty.mkdir()
-    short = tmp_path / "short"  # BabyLM format, but nothing long enough to be an utterance
-    short.mkdir()
-    (short / "childes.train").write_text("*MOT:\tah .\n*CHI:\tok .\n")
     d = copy_run(phase1_dir)
     before = hashes(out_of(d))
     o = str(tmp_path / "o")
     r = run_many([
         ("phase1_text.py", ["--data_dir", str(tmp_path / "missing"), "--out_dir", o + "1"]),
         ("phase1_text.py", ["--data_dir", str(empty), "--out_dir", o + "2"]),
-        ("phase1_text.py", ["--data_dir", str(short), "--out_dir", o + "3"]),
-        ("phase2_caption.py", ["--coco_dir", str(tmp_path / "missing"), "--out_dir", "out", *TINY_P2], d),
         ("phase2_caption.py", ["--coco_dir", str(empty), "--out_dir", "out", *TINY_P2], d),
     ])
     assert_user_error(r[0], "missing", "does not exist")
     assert_user_error(r[1], "no *.train files")
-    assert_user_error(r[2], "no usable text")
-    assert_user_error(r[3], "missing", "does not exist")
-    assert_user_error(r[4], "no captions_*.json")
+    assert_user_error(r[2], "no captions_*.json")
     assert hashes(out_of(d)) == before
+
+
+def test_unusable_data_folders_in_process(tmp_path):
+    """The same loaders, for the remaining cases, without a process each."""
+    from common import UserError
+    from data.images import find_coco_files
+    from data.text import read_babylm_folder
+    short = tmp_path / "short"  # BabyLM format, but nothing long enough to be an utterance
+    short.mkdir()
+    (short / "childes.train").write_text("*MOT:\tah .\n*CHI:\tok .\n")
+    with pytest.raises(UserError, match="no usable text"):
+        read_babylm_folder(str(short))
+    with pytest.raises(UserError, match="does not exist"):
+        find_coco_files(str(tmp_path / "missing"))
+    (tmp_path / "coco" / "annotations").mkdir(parents=True)
+    (tmp_path / "coco" / "annotations" / "captions_val2017.json").write_text("{}")
+    (tmp_path / "coco" / "val2017").mkdir()
+    (tmp_path / "coco" / "val2017" / "notes.txt").write_text("no images here")
+    with pytest.raises(UserError, match="no image folder"):
+        find_coco_files(str(tmp_path / "coco"))
 
 
 def make_coco(root, world, n, bad=()):
