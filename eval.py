@@ -5,6 +5,7 @@ The scoring functions at the top are also what the phase scripts call for their 
 reports, so every number in this project is computed one way.
 """
 import math
+import os
 import re
 from collections import Counter, defaultdict
 
@@ -223,3 +224,420 @@ def vqa_rank(model, sp, images, questions, candidates, batch_size=64, device="cp
         best[k] = cands[int(np.argmax(scores))]
         j += len(cands)
     return [best[k] for k in range(len(candidates))]
+
+
+# =============================================================================
+# Command line: every phase's checkpoint on every benchmark, side by side
+#
+#   python eval.py                                     # each phase's best.pt under out/
+#   python eval.py --ckpt out/phase2/best.pt --device cuda
+#   python eval.py --out_dir out_babylm --blimp ../shared/data/blimp_fast
+#
+# Prints a markdown table (rows = checkpoints, columns = benchmarks), writes the numbers as JSON and
+# draws a bar chart of the two averages:
+#   language avg        = mean(world minimal pairs, world held-out minimal pairs, BLiMP macro if --blimp)
+#   vision-language avg = mean(Winoground text score, exact-caption rate, VQA accuracy)
+# A text-only (phase 1) checkpoint gets n/a in every vision column.
+
+DEFAULT_ROWS = ("phase1", "phase2", "phase3_control", "phase3", "phase4")
+LANG_KEYS = ("world_mp", "world_mp_heldout", "blimp")
+VL_KEYS = ("wino_text", "caption_exact", "vqa")
+# (key, header) of the main table; bits per byte: lower is better, everything else higher
+COLUMNS = [("blimp", "BLiMP"), ("world_mp", "world MP"), ("world_mp_heldout", "world MP held-out"),
+           ("bpb", "bpb"), ("bpb_heldout", "bpb held-out"),
+           ("wino_text", "Wino text"), ("wino_image", "Wino image"), ("wino_group", "Wino group"),
+           ("caption_exact", "caption exact"), ("coco_bleu4", "COCO BLEU-4"), ("vqa", "VQA"),
+           ("language_avg", "language avg"), ("vl_avg", "VL avg")]
+
+
+def parse_args(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(description="Evaluate checkpoints of every phase side by side (see the end of eval.py).")
+    p.add_argument("--ckpt", action="append", default=[], help="a checkpoint to evaluate (repeatable); default: "
+                   "the best.pt of " + ", ".join(DEFAULT_ROWS) + " under --out_dir, those that exist")
+    p.add_argument("--out_dir", default="out")
+    p.add_argument("--world_dir", default="data/world", help="the built world (built if missing, unless --no_world)")
+    p.add_argument("--no_world", action="store_true", help="skip every benchmark that needs the world")
+    p.add_argument("--blimp", default="", help="a BLiMP-format .jsonl file or a folder of them")
+    p.add_argument("--blimp_max_per_paradigm", type=int, default=0, help="first N pairs of each paradigm (0 = all)")
+    p.add_argument("--per_paradigm", action="store_true", help="also print per-paradigm tables (always for --blimp)")
+    p.add_argument("--coco_dir", default="", help="COCO captions folder: adds BLEU-4 on its held-out 10%%")
+    p.add_argument("--n_caption", type=int, default=300, help="held-out world images to caption")
+    p.add_argument("--n_vqa", type=int, default=1000, help="VQA test questions")
+    p.add_argument("--n_wino", type=int, default=0, help="Winoground items (0 = all)")
+    p.add_argument("--n_text", type=int, default=1000, help="held-out description lines per file (0 = all)")
+    p.add_argument("--n_coco", type=int, default=200, help="held-out COCO images to caption")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--json", default="", help="results file (default: OUT_DIR/eval.json)")
+    p.add_argument("--chart", default="", help="bar chart PNG (default: OUT_DIR/eval.png)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default); 1 is "
+                   "fastest on a CPU that other jobs keep busy")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--quiet", action="store_true", help="only the tables")
+    args = p.parse_args(argv)
+    from common import check_range
+    for name in ("blimp_max_per_paradigm", "n_caption", "n_vqa", "n_wino", "n_text", "n_coco", "threads"):
+        check_range(name, getattr(args, name), lo=0)
+    check_range("batch_size", args.batch_size, lo=1)
+    args.json = args.json or os.path.join(args.out_dir, "eval.json")
+    args.chart = args.chart or os.path.join(args.out_dir, "eval.png")
+    return args
+
+
+def find_checkpoints(args):
+    """-> [(row label, path)]: the --ckpt paths as given, else each phase's best.pt that exists."""
+    from common import UserError
+    if args.ckpt:
+        rows, seen = [], set()
+        for path in args.ckpt:
+            stem = os.path.splitext(os.path.basename(path))[0]
+            label = os.path.basename(os.path.dirname(os.path.abspath(path))) if stem in ("best", "last") else stem
+            label += "/last" if stem == "last" else ""
+            base, k = label, 2
+            while label in seen:
+                label, k = f"{base}#{k}", k + 1
+            seen.add(label)
+            rows.append((label, path))
+        return rows
+    rows = [(ph, os.path.join(args.out_dir, ph, "best.pt")) for ph in DEFAULT_ROWS]
+    rows = [(ph, path) for ph, path in rows if os.path.exists(path)]
+    if not rows:
+        raise UserError(f"no checkpoints found under {args.out_dir}/ (looked for {{{','.join(DEFAULT_ROWS)}}}/best.pt); "
+                        f"run `python phase1_text.py --out_dir {args.out_dir}` first, or pass --ckpt PATH")
+    return rows
+
+
+def checkpoint_tokenizer(ckpt, path):
+    """The checkpoint's tokenizer; if its stored path is gone (the out dir was moved or the checkpoint was
+    made elsewhere), the tokenizer.model of the out dir the checkpoint sits in."""
+    from common import check_vocab
+    from tokenizer import load_tokenizer
+    tok = ckpt["tokenizer"]
+    if not os.path.exists(tok):
+        near = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), os.path.basename(tok))
+        tok = near if os.path.exists(near) else tok
+    sp = load_tokenizer(tok)
+    check_vocab(ckpt, sp, path)
+    return sp
+
+
+def load_blimp(path, max_per_paradigm=0):
+    """Minimal pairs from a BLiMP-format .jsonl file or a folder of them (the paradigm is the row's UID,
+    else the file name)."""
+    import glob
+    from common import UserError, read_jsonl
+    files = sorted(glob.glob(os.path.join(path, "*.jsonl"))) if os.path.isdir(path) else [path]
+    if not files or not os.path.exists(files[0]):
+        raise UserError(f"--blimp {path}: no such .jsonl file, or a folder without .jsonl files")
+    pairs = []
+    for f in files:
+        rows = read_jsonl(f)
+        for i, r in enumerate(rows):
+            if "sentence_good" not in r or "sentence_bad" not in r:
+                raise UserError(f"{f} line {i + 1}: a BLiMP row needs sentence_good and sentence_bad")
+        uid = os.path.splitext(os.path.basename(f))[0]
+        rows = [{"sentence_good": r["sentence_good"], "sentence_bad": r["sentence_bad"], "UID": r.get("UID") or uid}
+                for r in rows]
+        if max_per_paradigm:
+            kept, count = [], Counter()
+            for r in rows:
+                count[r["UID"]] += 1
+                if count[r["UID"]] <= max_per_paradigm:
+                    kept.append(r)
+            rows = kept
+        pairs += rows
+    if not pairs:
+        raise UserError(f"--blimp {path}: no minimal pairs in {len(files)} file(s)")
+    return pairs
+
+
+def score_pairs(model, sp, pairs, device):
+    """eval.minimal_pairs on pairs sorted by token length, so each batch holds sentences of about one
+    length (little padding). Pairs longer than the model's context are left out and counted."""
+    max_len = decoder_of(model).cfg.max_seq_len
+    lens = [max(len(encode_sentence(sp, p["sentence_good"])), len(encode_sentence(sp, p["sentence_bad"]))) for p in pairs]
+    order = [i for i in np.argsort(lens, kind="stable") if lens[i] <= max_len]
+    res = minimal_pairs(model, sp, [pairs[i] for i in order], device=device)
+    res["skipped_too_long"] = len(pairs) - len(order)
+    return res
+
+
+def load_eval_data(args):
+    """Everything the benchmarks read, loaded once for all checkpoints."""
+    from common import read_jsonl
+    from data.images import load_world_split
+    d = {}
+    if args.blimp:
+        d["blimp"] = load_blimp(args.blimp, args.blimp_max_per_paradigm)
+    if args.no_world:
+        return d
+    w = args.world_dir
+    if not os.path.exists(os.path.join(w, "meta.json")):
+        from data.world import ensure_built
+        print(f"{w} has no built world: building it (python -m data.world --out {w})")
+        ensure_built(w)
+    mp = read_jsonl(os.path.join(w, "minimal_pairs.jsonl"))
+    d["world_mp"] = [p for p in mp if not p.get("heldout")]
+    d["world_mp_heldout"] = [p for p in mp if p.get("heldout")]
+    for key, name in (("desc", "descriptions_test.txt"), ("desc_heldout", "descriptions_test_heldout.txt")):
+        with open(os.path.join(w, name), encoding="utf-8") as f:
+            lines = [l.strip() for l in f if l.strip()]
+        d[key] = lines[:args.n_text] if args.n_text else lines
+    wino = read_jsonl(os.path.join(w, "winoground.jsonl"))
+    d["wino"] = wino[:args.n_wino] if args.n_wino else wino
+    d["wino_images"] = np.load(os.path.join(w, "winoground_images.npy"), mmap_mode="r")
+    images, rows = load_world_split(w, "caption_test")
+    n = min(args.n_caption, len(rows))
+    d["cap_images"], d["cap_scenes"] = np.asarray(images[:n]), [r["scene"] for r in rows[:n]]
+    qs = read_jsonl(os.path.join(w, "vqa_test.jsonl"))[:args.n_vqa]
+    vqa_images = np.load(os.path.join(w, "vqa_test_images.npy"), mmap_mode="r")
+    d["vqa"] = qs
+    d["vqa_images"] = np.asarray(vqa_images[[q["image"] for q in qs]]) if qs else vqa_images[:0]
+    return d
+
+
+def coco_test(args, image_size, cache):
+    """Held-out COCO images (the 10% phase 2 keeps for validation) at the model's image size."""
+    if image_size not in cache:
+        from data.images import load_coco, split_indices
+        images, rows = load_coco(args.coco_dir, image_size, os.path.join(args.out_dir, "cache"))
+        _, va = split_indices(len(rows), 0.1)
+        va = va[:args.n_coco]
+        cache[image_size] = (np.asarray(images[va]), [rows[i]["captions"] for i in va])
+    return cache[image_size]
+
+
+def mean_of(values):
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def evaluate_checkpoint(model, sp, data, args, device, coco_cache, log=print):
+    """-> metrics dict (None = n/a) and a per-benchmark detail dict for the JSON."""
+    import time
+    m = {key: None for key, _ in COLUMNS}
+    detail = {"seconds": {}}
+    last = [time.perf_counter()]
+
+    def clock(name):  # seconds spent on each benchmark, for the JSON
+        now = time.perf_counter()
+        detail["seconds"][name] = round(now - last[0], 2)
+        last[0] = now
+
+    if "blimp" in data:
+        r = score_pairs(model, sp, data["blimp"], device)
+        m["blimp"], detail["blimp"] = r["macro"], r
+        clock("blimp")
+        log(f"  BLiMP macro {r['macro']:.3f} over {len(r['per_paradigm'])} paradigms, {r['n']} pairs")
+    if "world_mp" in data:
+        for key in ("world_mp", "world_mp_heldout"):
+            if data[key]:
+                r = score_pairs(model, sp, data[key], device)
+                m[key], detail[key] = r["macro"], r
+        clock("world_mp")
+        for key, lines in (("bpb", data["desc"]), ("bpb_heldout", data["desc_heldout"])):
+            max_len = decoder_of(model).cfg.max_seq_len
+            lines = [l for l in lines if len(encode_sentence(sp, l)) <= max_len]
+            lines.sort(key=len)  # batches of similar length: little padding (the sums do not depend on order)
+            if lines:
+                r = text_loss(model, sp, lines, device=device)
+                m[key], detail[key] = r["bpb"], dict(r, n_lines=len(lines))
+        clock("bpb")
+        log(f"  world minimal pairs {fmt_metric(m['world_mp'])} / held-out {fmt_metric(m['world_mp_heldout'])}, "
+            f"bpb {fmt_metric(m['bpb'])} / held-out {fmt_metric(m['bpb_heldout'])}")
+    if isinstance(model, VLM):
+        P = model.projector.num_tokens()
+        max_new = max(1, min(40, model.decoder.cfg.max_seq_len - P - 1))
+        if "wino" in data and data["wino"]:
+            r = winoground(model, sp, data["wino"], data["wino_images"], device=device)
+            m["wino_text"], m["wino_image"], m["wino_group"] = r["text"], r["image"], r["group"]
+            detail["winoground"] = dict(r, n=len(data["wino"]))
+            clock("winoground")
+        if "cap_images" in data and len(data["cap_images"]):
+            caps = caption_images(model, sp, data["cap_images"], max_new, args.batch_size, device)
+            m["caption_exact"] = caption_accuracy(caps, data["cap_scenes"])
+            detail["captions"] = {"exact": m["caption_exact"], "n": len(caps), "examples": caps[:5]}
+            clock("captions")
+        if "vqa" in data and data["vqa"]:
+            qs = data["vqa"]
+            preds = vqa_generate(model, sp, data["vqa_images"], [q["question"] for q in qs],
+                                 batch_size=args.batch_size, device=device)
+            right = [vqa_accuracy(p, [q["answer"]]) for p, q in zip(preds, qs)]
+            by_type = defaultdict(list)
+            for q, r in zip(qs, right):
+                by_type[q.get("type", "all")].append(r)
+            m["vqa"] = float(np.mean(right))
+            detail["vqa"] = {"overall": m["vqa"], "n": len(qs),
+                             "by_type": {t: float(np.mean(v)) for t, v in sorted(by_type.items())}}
+            clock("vqa")
+        if args.coco_dir:
+            images, refs = coco_test(args, model.vit.cfg.image_size, coco_cache)
+            caps = caption_images(model, sp, images, max_new, args.batch_size, device)
+            m["coco_bleu4"] = bleu4(caps, refs)
+            detail["coco"] = {"bleu4": m["coco_bleu4"], "n": len(caps), "examples": caps[:5]}
+            clock("coco")
+        log(f"  Winoground text {fmt_metric(m['wino_text'])}, caption exact {fmt_metric(m['caption_exact'])}, "
+            f"VQA {fmt_metric(m['vqa'])}" + (f", COCO BLEU-4 {fmt_metric(m['coco_bleu4'])}" if args.coco_dir else ""))
+    m["language_avg"] = mean_of([m[k] for k in LANG_KEYS])
+    m["vl_avg"] = mean_of([m[k] for k in VL_KEYS])
+    return m, detail
+
+
+def fmt_metric(v):
+    if v is None:
+        return "n/a"
+    return f"{v:.3f}"
+
+
+def markdown_table(header, rows):
+    """header: list of str; rows: lists of str -> a GitHub markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def results_table(results, columns):
+    return markdown_table(["checkpoint"] + [h for _, h in columns],
+                          [[r["name"]] + [fmt_metric(r["metrics"][k]) for k, _ in columns] for r in results])
+
+
+def per_key_table(results, get, first="paradigm", total=None):
+    """Rows = the union of keys of get(result) (paradigms, question types), columns = checkpoints."""
+    keys = sorted({k for r in results for k in (get(r) or {})})
+    rows = [[k] + [fmt_metric((get(r) or {}).get(k)) for r in results] for k in keys]
+    if total:
+        rows.append([f"**{total[0]}**"] + [fmt_metric(total[1](r)) for r in results])
+    return markdown_table([first] + [r["name"] for r in results], rows)
+
+
+def _font(size):
+    from PIL import ImageFont
+    try:
+        return ImageFont.load_default(size=size)  # a scalable font where Pillow has FreeType (>= 10.1)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def draw_chart(results, path, width=900, height=480):
+    """Grouped bar chart: language avg and vision-language avg per checkpoint, y axis 0..1, n/a marked."""
+    from PIL import Image, ImageDraw
+    series = [("language avg", "language_avg", (52, 101, 164)), ("vision-language avg", "vl_avg", (230, 126, 34))]
+    img = Image.new("RGB", (width, height), "white")
+    dr = ImageDraw.Draw(img)
+    font, small = _font(15), _font(12)
+
+    def text_size(s, f):
+        box = dr.textbbox((0, 0), s, font=f)
+        return box[2] - box[0], box[3] - box[1]
+
+    left, right, top, bottom = 56, 20, 64, 56
+    x0, x1, y0, y1 = left, width - right, top, height - bottom  # plot area; y1 is value 0
+    yv = lambda v: y1 - v * (y1 - y0)  # noqa: E731
+    title = "Dreaming Out Loud: averages per phase"
+    dr.text(((width - text_size(title, font)[0]) // 2, 10), title, fill="black", font=font)
+    for i in range(6):  # y grid and tick labels at 0, 0.2, ..., 1
+        v = i / 5
+        y = round(yv(v))
+        dr.line([(x0, y), (x1, y)], fill=(225, 225, 225) if i else (0, 0, 0), width=1)
+        lab = f"{v:.1f}"
+        tw, th = text_size(lab, small)
+        dr.text((x0 - tw - 6, y - th // 2 - 2), lab, fill="black", font=small)
+    dr.line([(x0, y0), (x0, y1)], fill="black", width=1)
+    n = max(len(results), 1)
+    group_w = (x1 - x0) / n
+    bar_w = max(2, min(60, group_w * 0.7 / len(series)))
+    for g, r in enumerate(results):
+        cx = x0 + group_w * (g + 0.5)
+        for s, (_, key, color) in enumerate(series):
+            bx = cx + (s - len(series) / 2) * bar_w
+            v = r["metrics"].get(key)
+            if v is None:
+                lab = "n/a"
+            else:
+                v = min(max(v, 0.0), 1.0)
+                if v > 0:
+                    dr.rectangle([round(bx), round(yv(v)), round(bx + bar_w) - 1, round(y1) - 1], fill=color)
+                lab = f"{v:.2f}"
+            tw, th = text_size(lab, small)
+            ly = (yv(v) if v is not None else y1) - th - 6
+            dr.text((round(bx + (bar_w - tw) / 2), round(ly)), lab, fill=(60, 60, 60), font=small)
+        name = r["name"]
+        tw, th = text_size(name, font)
+        dr.text((round(cx - tw / 2), y1 + 10), name, fill="black", font=font)
+    lx = x1 - 10  # legend, top right, right-aligned
+    for label, _, color in reversed(series):
+        tw, th = text_size(label, small)
+        lx -= tw + 24
+        dr.rectangle([lx, 42, lx + 14, 54], fill=color)
+        dr.text((lx + 19, 40), label, fill="black", font=small)
+        lx -= 12
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp.png"
+    img.save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv=None):
+    import json
+    import time
+    from types import SimpleNamespace
+    from common import load_checkpoint, setup
+    from model import build_model
+    args = parse_args(argv)
+    log = (lambda *a: None) if args.quiet else print
+    ckpts = find_checkpoints(args)
+    run = setup(SimpleNamespace(device=args.device, seed=args.seed))
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_all = time.perf_counter()
+    data = load_eval_data(args)
+    if args.no_world:
+        log("--no_world: world benchmarks (minimal pairs, bpb, Winoground, captions, VQA) skipped")
+    results, coco_cache = [], {}
+    for name, path in ckpts:
+        t0 = time.perf_counter()
+        ckpt = load_checkpoint(path)
+        sp = checkpoint_tokenizer(ckpt, path)
+        model = build_model(ckpt).to(run.device).eval()
+        del ckpt["model"]
+        log(f"{name}: {path} ({ckpt.get('phase')}, step {ckpt.get('step')}, "
+            f"{'vision + language' if isinstance(model, VLM) else 'text only'})")
+        metrics, detail = evaluate_checkpoint(model, sp, data, args, run.device, coco_cache, log)
+        dt = time.perf_counter() - t0
+        log(f"  {dt:.1f} s ({', '.join(f'{k} {v:.1f}' for k, v in detail['seconds'].items())})")
+        results.append({"name": name, "ckpt": path, "phase": ckpt.get("phase"), "step": ckpt.get("step"),
+                        "vision": isinstance(model, VLM), "metrics": metrics, "detail": detail, "seconds": round(dt, 2)})
+        del model
+    # columns: a benchmark that was not run for any checkpoint is left out; a text-only row says n/a
+    ran = {"blimp": "blimp" in data, "coco_bleu4": bool(args.coco_dir)}
+    world = not args.no_world
+    columns = [c for c in COLUMNS if ran.get(c[0], world or c[0] in ("language_avg", "vl_avg"))]
+    if args.per_paradigm or args.blimp:
+        if "blimp" in data:
+            print(f"\nBLiMP accuracy per paradigm ({args.blimp}, {len(data['blimp'])} pairs; log p summed over tokens)\n")
+            print(per_key_table(results, lambda r: r["detail"].get("blimp", {}).get("per_paradigm"),
+                                total=("macro", lambda r: r["metrics"]["blimp"])))
+        if args.per_paradigm and world:
+            print("\nWorld minimal pairs per paradigm\n")
+            print(per_key_table(results, lambda r: {**r["detail"].get("world_mp", {}).get("per_paradigm", {}),
+                                                    **r["detail"].get("world_mp_heldout", {}).get("per_paradigm", {})}))
+    if any(r["metrics"]["vqa"] is not None for r in results):
+        print(f"\nVQA accuracy by question type ({len(data['vqa'])} test questions, greedy answers)\n")
+        print(per_key_table(results, lambda r: r["detail"].get("vqa", {}).get("by_type"), first="question type",
+                            total=("overall", lambda r: r["metrics"]["vqa"])))
+    print(f"\nResults (accuracies in 0..1; bpb = bits per byte on held-out descriptions, lower is better)\n")
+    print(results_table(results, columns))
+    total = time.perf_counter() - t_all
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"results": results, "columns": [k for k, _ in columns], "settings": vars(args),
+                   "device": run.device, "seconds": round(total, 2)}, f, indent=1)
+    draw_chart(results, args.chart)
+    print(f"\nwrote {args.json} and {args.chart} ({total:.0f} s)")
+
+
+if __name__ == "__main__":
+    from common import cli
+    cli(main)
