@@ -1,0 +1,54 @@
+"""bench.py end to end on the tiny config (seconds), plus the exactness of the fast RoPE path it motivated."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from model import apply_rope, rope_qk, rope_tables, wide_rope  # noqa: E402
+
+
+def test_bench_tiny_writes_sane_json(tmp_path):
+    out = tmp_path / "bench.json"
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "bench.py", "--config", "tiny", "--device", "cpu", "--steps", "2",
+                           "--skip_hf", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    elapsed = time.time() - t0
+    assert proc.returncode == 0, proc.stderr
+    assert elapsed < 30, f"tiny bench took {elapsed:.1f}s"
+    res = json.loads(out.read_text())
+    train = res["train_ours"]
+    assert train["tok_s"] > 0 and train["steps_timed"] == 2
+    assert 0 < train["mfu"] <= 1
+    assert res["peak_mem_mib"] > 0
+    assert "train_hf" not in res and res["hf"].startswith("skipped")
+    for batch, r in res["gen"]["by_batch"].items():
+        assert r["cached_tok_s"] > 0 and r["uncached_tok_s"] > 0, batch
+        assert r["cached_vs_uncached_match"] == 1.0  # greedy: the cache must not change a single token
+    assert "train ours" in proc.stdout  # the table was printed
+
+
+def test_bench_rejects_bad_flags():
+    proc = subprocess.run([sys.executable, "bench.py", "--config", "tiny", "--device=cpu", "--steps", "0"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--steps=0" in proc.stderr
+
+
+def test_rope_qk_is_apply_rope_bit_for_bit():
+    torch.manual_seed(0)
+    B, T, H, hd = 2, 7, 3, 8
+    cos, sin = rope_tables(hd, 16)
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [3, 5, 0, 9, 15, 2, 2]])  # per-row positions, as in generate
+    qk = torch.randn(B, T, 2 * H * hd, requires_grad=True)
+    fast = rope_qk(qk, *wide_rope(cos[pos], sin[pos], H), H)
+    heads = qk.view(B, T, 2 * H, hd).transpose(1, 2)  # (B, 2H, T, hd): q heads then k heads
+    ref = apply_rope(heads, cos[pos][:, None], sin[pos][:, None]).transpose(1, 2).reshape(B, T, -1)
+    assert torch.equal(fast, ref)
+    g = torch.randn_like(ref)
+    (g_fast,) = torch.autograd.grad(fast, qk, g)
+    (g_ref,) = torch.autograd.grad(ref, qk, g)
+    assert torch.equal(g_fast, g_ref)
