@@ -457,7 +457,10 @@ def evaluate_checkpoint(model, sp, data, args, device, coco_cache, log=print):
         if "cap_images" in data and len(data["cap_images"]):
             caps = caption_images(model, sp, data["cap_images"], max_new, args.batch_size, device)
             m["caption_exact"] = caption_accuracy(caps, data["cap_scenes"])
-            detail["captions"] = {"exact": m["caption_exact"], "n": len(caps), "examples": caps[:5]}
+            # a constant, vague but true caption ("there are no orange crosses .") can score high on
+            # exactness, so also record how many different captions the model wrote
+            detail["captions"] = {"exact": m["caption_exact"], "n": len(caps), "distinct": len(set(caps)),
+                                  "examples": caps[:5]}
             clock("captions")
         if "vqa" in data and data["vqa"]:
             qs = data["vqa"]
@@ -477,7 +480,8 @@ def evaluate_checkpoint(model, sp, data, args, device, coco_cache, log=print):
             m["coco_bleu4"] = bleu4(caps, refs)
             detail["coco"] = {"bleu4": m["coco_bleu4"], "n": len(caps), "examples": caps[:5]}
             clock("coco")
-        log(f"  Winoground text {fmt_metric(m['wino_text'])}, caption exact {fmt_metric(m['caption_exact'])}, "
+        distinct = f" ({detail['captions']['distinct']} distinct)" if "captions" in detail else ""
+        log(f"  Winoground text {fmt_metric(m['wino_text'])}, caption exact {fmt_metric(m['caption_exact'])}{distinct}, "
             f"VQA {fmt_metric(m['vqa'])}" + (f", COCO BLEU-4 {fmt_metric(m['coco_bleu4'])}" if args.coco_dir else ""))
     m["language_avg"] = mean_of([m[k] for k in LANG_KEYS])
     m["vl_avg"] = mean_of([m[k] for k in VL_KEYS])
@@ -627,7 +631,8 @@ def main(argv=None):
         print(f"\nVQA accuracy by question type ({len(data['vqa'])} test questions, greedy answers)\n")
         print(per_key_table(results, lambda r: r["detail"].get("vqa", {}).get("by_type"), first="question type",
                             total=("overall", lambda r: r["metrics"]["vqa"])))
-    print(f"\nResults (accuracies in 0..1; bpb = bits per byte on held-out descriptions, lower is better)\n")
+    note = "; bpb = bits per byte on held-out descriptions, lower is better" if world else ""
+    print(f"\nResults (accuracies in 0..1{note})\n")
     print(results_table(results, columns))
     total = time.perf_counter() - t_all
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
