@@ -129,12 +129,24 @@ def caption_images(model, sp, images, max_new_tokens=40, batch_size=64, device="
     return generate_text(model, sp, images, [[BOS]] * len(images), max_new_tokens, batch_size, device, **kw)
 
 
+def caption_scores(captions, scenes):
+    """Fractions of captions that are correct (every stated attribute/relation/count true of the scene),
+    exactly correct (correct AND naming at least one of the scene's objects by colour and shape, so a
+    safe platitude like "there are no orange crosses ." does not count) and complete (also states the
+    number of objects and names them all). Judged by the world's own parser, independent of the
+    caption generator."""
+    from data.world import caption_quality
+    q = [caption_quality(s, c) for c, s in zip(captions, scenes)]
+    if not q:
+        return {"correct": float("nan"), "exact": float("nan"), "complete": float("nan")}
+    return {"correct": float(np.mean([x["correct"] for x in q])),
+            "exact": float(np.mean([x["informative"] for x in q])),
+            "complete": float(np.mean([x["complete"] for x in q]))}
+
+
 def caption_accuracy(captions, scenes):
-    """Fraction of captions that are exactly correct: every stated attribute/relation/count true of the
-    scene (checked by the world's own parser, independent of the caption generator)."""
-    from data.world import check_caption
-    ok = [check_caption(s, c) for c, s in zip(captions, scenes)]
-    return float(np.mean(ok)) if ok else float("nan")
+    """The headline caption metric: the fraction of exactly correct captions (see caption_scores)."""
+    return caption_scores(captions, scenes)["exact"]
 
 
 # ---- BLEU-4 (Papineni et al. 2002), corpus level, for real captions

@@ -47,15 +47,15 @@ def parse_args(argv=None):
     # optimisation
     p.add_argument("--batch_size", type=int, default=32, help="sequences per micro-step, summed over all ranks")
     p.add_argument("--grad_accum", type=int, default=1)
-    p.add_argument("--max_steps", type=int, default=1200)
+    p.add_argument("--max_steps", type=int, default=500)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=60)
     p.add_argument("--min_lr_frac", type=float, default=0.1)
     p.add_argument("--weight_decay", type=float, default=0.1)
     p.add_argument("--grad_clip", type=float, default=1.0)
     # evaluation / logging
-    p.add_argument("--eval_interval", type=int, default=200)
-    p.add_argument("--eval_iters", type=int, default=20)
+    p.add_argument("--eval_interval", type=int, default=100)
+    p.add_argument("--eval_iters", type=int, default=10)
     p.add_argument("--log_interval", type=int, default=50)
     add_run_args(p, PHASE)
     args = p.parse_args(argv)

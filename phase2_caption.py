@@ -24,7 +24,7 @@ from common import (UserError, add_run_args, all_reduce_mean, check_finite, chec
                     fmt_speed, load_checkpoint, lr_at, make_checkpoint, make_optimizer, Meter, save_checkpoint, set_lr,
                     set_rng_state, setup, StopFlag, wrap_model)
 from data.images import load_coco, load_world_split, split_indices
-from eval import bleu4, caption_accuracy, caption_images
+from eval import bleu4, caption_images, caption_scores
 from model import VLM, DecoderConfig, ViTConfig, build_model
 from tokenizer import BOS, EOS, PAD, load_tokenizer
 
@@ -286,8 +286,11 @@ def main(argv=None):
         caps = caption_images(best, sp, test.images[:n], device=run.device)
         result = {"best_val_loss": best_val, "n_test": n}
         if test.scenes[0] is not None:
-            result["caption_accuracy"] = caption_accuracy(caps, test.scenes[:n])
-            print(f"held-out world images: {100 * result['caption_accuracy']:.1f}% of {n} greedy captions exactly correct")
+            sc = caption_scores(caps, test.scenes[:n])
+            result.update(caption_accuracy=sc["exact"], caption_complete=sc["complete"], distinct_captions=len(set(caps)))
+            print(f"held-out world images: {100 * sc['exact']:.1f}% of {n} greedy captions exactly correct "
+                  f"(true and naming objects by colour and shape), {100 * sc['complete']:.1f}% complete "
+                  f"(every object named, count stated); {len(set(caps))} distinct captions")
         else:
             result["bleu4"] = bleu4(caps, test.texts[:n])
             print(f"held-out images: BLEU-4 {100 * result['bleu4']:.2f} on {n} greedy captions")

@@ -13,7 +13,7 @@ from common import UserError
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
 
-def train_tokenizer(lines, model_path, vocab_size, max_lines=300_000):
+def train_tokenizer(lines, model_path, vocab_size, max_lines=100_000):
     """Train BPE on an iterable of text lines and write model_path (.model). Byte fallback means no
     input is ever out of vocabulary; split_digits keeps numbers compositional."""
     lines = [l for l in lines if l.strip()]

@@ -814,6 +814,30 @@ def check_caption(scene, text):
     return bool(claims) and all(claim_true(scene, c) for c in claims)
 
 
+def caption_quality(scene, text):
+    """How good a (model's) caption is, beyond being true:
+    correct: it parses and every claim is true (check_caption);
+    informative: correct, and it names at least one object of the scene by colour AND shape in a
+        positive claim ("there are no orange crosses ." is true of most scenes but says nothing);
+    complete: informative, and it states how many objects there are and names that many (the
+        canonical full description does)."""
+    claims = _parse(text)
+    correct = bool(claims) and all(claim_true(scene, c) for c in claims)
+    named = 0
+    for c in claims or []:
+        desc = dict(c["np"]["desc"])
+        for p in c["preds"]:
+            if not p["neg"]:
+                desc.update({k: v for k, v in p["desc"].items() if k in ("size", "color", "shape", "pos")})
+        op, k = c["np"]["quant"]
+        if "color" in desc and "shape" in desc and k >= 1:
+            named += k
+    n = len(scene["objects"])
+    counted = any(not c["np"]["desc"] and not c["preds"] and c["np"]["quant"] == ("eq", n) for c in claims or [])
+    informative = correct and named >= 1
+    return {"correct": correct, "informative": informative, "complete": informative and counted and named >= n}
+
+
 _DIGITS = {str(i): w for i, w in enumerate(NUM_WORDS)}
 
 
