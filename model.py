@@ -292,6 +292,9 @@ class Decoder(nn.Module):
         # a pad query sees itself only: its row stays finite (an all-masked row would give NaN)
         mask = mask | torch.eye(total, dtype=torch.bool, device=device)[None]
         mask = mask[:, None]  # (B, 1, total, total)
+        # no padding at all (equal prompt lengths, e.g. captioning from BOS): plain causal attention,
+        # no mask tensor, so SDPA can take its fused kernels
+        no_pads = int(pad.max()) == 0
 
         def embed_start():
             x = self.tok_emb(idx)  # (B, L, D)
@@ -323,11 +326,12 @@ class Decoder(nn.Module):
             else:
                 x = torch.cat([x0, self.tok_emb(new_tokens)], dim=1)  # recompute everything
                 q_cols = slice(0, S)
-            m = mask[:, :, q_cols, :S]
-            rope = self.rope_at(positions[:, q_cols])
+            m = None if no_pads else mask[:, :, q_cols, :S]
+            causal = no_pads and q_cols.start == 0  # square: the prefill, or an uncached step
+            rope = self.rope_at(positions[:1, q_cols] if no_pads else positions[:, q_cols])
             h = x
             for block in self.blocks:
-                h = block(h, rope, m, False, cache if use_cache else None)
+                h = block(h, rope, m, causal, cache if use_cache else None)
             if use_cache:
                 cache.advance(h.size(1))
             logits = self.head(self.norm(h[:, -1])).float()  # (B, V)
@@ -370,6 +374,7 @@ class ViTConfig:
     n_head: int = 4
     d_model: int = 128
     merge: int = 2  # projector merges merge x merge neighbouring patches into one decoder token
+    conv_stem: bool = True  # patchify with stride-2 3x3 convs instead of one linear patch projection
     norm_eps: float = 1e-5
 
 
@@ -394,18 +399,31 @@ class ViT(nn.Module):
         assert cfg.image_size % cfg.patch_size == 0, "image_size must be a multiple of patch_size"
         self.cfg = cfg
         self.grid = cfg.image_size // cfg.patch_size
-        # a strided conv is exactly "cut into patches, flatten, linear layer"
-        self.patch = nn.Conv2d(3, cfg.d_model, kernel_size=cfg.patch_size, stride=cfg.patch_size)
         self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_head, cfg.norm_eps) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         init_weights(self, cfg.n_layer)
+        if cfg.conv_stem:
+            # "early convolutions help transformers see" (Xiao et al. 2021): log2(patch) stride-2 3x3
+            # convs reach the same patch grid, but see local edges first; far more sample-efficient
+            # than a linear patchify when the ViT learns from a few thousand images
+            n = int(math.log2(cfg.patch_size))
+            assert 2 ** n == cfg.patch_size, "conv_stem needs a power-of-two patch_size"
+            layers, ch = [], 3
+            for i in range(n):
+                out = cfg.d_model // 2 ** (n - 1 - i)  # widen towards d_model
+                layers += [nn.Conv2d(ch, out, 3, stride=2, padding=1)] + ([nn.GELU()] if i < n - 1 else [])
+                ch = out
+            self.patch = nn.Sequential(*layers)  # default (Kaiming) init: right for conv + GELU
+        else:
+            # a strided conv is exactly "cut into patches, flatten, linear layer"
+            self.patch = nn.Conv2d(3, cfg.d_model, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+            nn.init.normal_(self.patch.weight, std=0.02)
         self.register_buffer("pos", sincos_2d(cfg.d_model, self.grid), persistent=False)
 
     def forward(self, images):
         """images: (B, H, W, 3) uint8 -> patch features (B, grid*grid, d_model)."""
         x = images.permute(0, 3, 1, 2).float()  # (B, 3, H, W)
         x = (x / 255.0 - 0.5) / 0.25  # roughly zero-mean, unit-variance pixels
-        x = x.to(self.patch.weight.dtype)
         x = self.patch(x)  # (B, D, grid, grid)
         x = x.flatten(2).transpose(1, 2)  # (B, grid*grid, D)
         x = x + self.pos.to(x.dtype)
@@ -414,9 +432,15 @@ class ViT(nn.Module):
         return self.norm(x)
 
     def flops_per_image(self):
-        n = sum(p.numel() for p in self.blocks.parameters()) + self.patch.weight.numel()
         T = self.grid * self.grid
-        return T * (6 * n + 12 * self.cfg.n_layer * self.cfg.d_model * T)
+        n = sum(p.numel() for p in self.blocks.parameters())
+        flops = T * (6 * n + 12 * self.cfg.n_layer * self.cfg.d_model * T)
+        side = self.cfg.image_size
+        for m in self.patch.modules() if isinstance(self.patch, nn.Sequential) else [self.patch]:
+            if isinstance(m, nn.Conv2d):  # 6 x weights x output positions
+                side //= m.stride[0]
+                flops += 6 * m.weight.numel() * side * side
+        return flops
 
 
 class Projector(nn.Module):

@@ -47,7 +47,7 @@ def parse_args(argv=None):
     # optimisation
     p.add_argument("--batch_size", type=int, default=32, help="sequences per micro-step, summed over all ranks")
     p.add_argument("--grad_accum", type=int, default=1)
-    p.add_argument("--max_steps", type=int, default=500)
+    p.add_argument("--max_steps", type=int, default=400)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=60)
     p.add_argument("--min_lr_frac", type=float, default=0.1)

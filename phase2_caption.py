@@ -37,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--world_dir", default="data/world")
     p.add_argument("--coco_dir", default="", help="COCO captions folder (captions_*.json + images); empty = world")
     p.add_argument("--image_size", type=int, default=32, help="COCO photos are resized to this (world: as built)")
-    p.add_argument("--canonical_frac", type=float, default=0.5,
+    p.add_argument("--canonical_frac", type=float, default=1.0,
                    help="world: how often the full canonical caption is the target (else another reference)")
     p.add_argument("--text_frac", type=float, default=0.1, help="fraction of steps that replay phase 1 text")
     # vision model
@@ -48,9 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--merge", type=int, default=2, help="projector merges merge x merge patches into one token")
     # optimisation
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--max_steps", type=int, default=700)
-    p.add_argument("--lr_new", type=float, default=2e-3, help="ViT + projector")
-    p.add_argument("--lr_decoder", type=float, default=5e-4, help="the pretrained phase 1 decoder")
+    p.add_argument("--max_steps", type=int, default=360)
+    p.add_argument("--lr_new", type=float, default=3e-3, help="ViT + projector")
+    p.add_argument("--lr_decoder", type=float, default=1e-3, help="the pretrained phase 1 decoder")
     p.add_argument("--freeze_decoder", action="store_true")
     p.add_argument("--freeze_vit", action="store_true")
     p.add_argument("--warmup", type=int, default=50)
@@ -58,10 +58,10 @@ def parse_args(argv=None):
     p.add_argument("--weight_decay", type=float, default=0.1)
     p.add_argument("--grad_clip", type=float, default=1.0)
     # evaluation / logging
-    p.add_argument("--eval_interval", type=int, default=100)
+    p.add_argument("--eval_interval", type=int, default=120)
     p.add_argument("--eval_batches", type=int, default=8)
     p.add_argument("--log_interval", type=int, default=25)
-    p.add_argument("--n_test", type=int, default=500, help="held-out images captioned at the end")
+    p.add_argument("--n_test", type=int, default=300, help="held-out images captioned at the end")
     p.add_argument("--max_caption_tokens", type=int, default=64)
     add_run_args(p, PHASE)
     args = p.parse_args(argv)
