@@ -965,7 +965,7 @@ def _minimal_pair(paradigm, rng, heldout):
         elif frame == 1:
             good = f"there is {noun_phrase('a', size, color, shape)} ."
         elif frame == 2:
-            good = f"one object : {noun_phrase('a', size, color, shape)} on the {rng.choice(('left', 'right'))} ."
+            good = f"look , one {size} {color} {shape} !"
         elif frame == 3:
             good = f"i see {rng.choice(NUM_WORDS[2:])} {size} {color} {plural(shape)} ."
         else:
