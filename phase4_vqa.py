@@ -59,8 +59,10 @@ def parse_args(argv=None):
                    help="e.g. 'COCO_train2014_{image_id:012d}.jpg'; empty = find files by the digits in their names")
     p.add_argument("--vqa_val_frac", type=float, default=0.1, help="VQAv2: fraction of images held out for val/test")
     # optimisation
+    p.add_argument("--text_frac", type=float, default=0.1,
+                   help="fraction of steps that replay phase 1 text, so answering questions does not erase language")
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--max_steps", type=int, default=800, help="~3.5 min on 2 idle CPU cores, test included")
+    p.add_argument("--max_steps", type=int, default=760, help="~4 min on 2 idle CPU cores, test included")
     p.add_argument("--lr_vision", type=float, default=1e-3, help="ViT + projector")
     p.add_argument("--lr_decoder", type=float, default=1e-3, help="the decoder")
     p.add_argument("--freeze_decoder", action="store_true")
@@ -82,6 +84,7 @@ def parse_args(argv=None):
         check_range(name, getattr(args, name), lo=lo)
     check_range("min_lr_frac", args.min_lr_frac, lo=0, hi=1)
     check_range("vqa_val_frac", args.vqa_val_frac, lo=0, hi=0.5, lo_open=True)
+    check_range("text_frac", args.text_frac, lo=0, hi=0.9)
     check_range("weight_decay", args.weight_decay, lo=0)
     check_range("grad_clip", args.grad_clip, lo=0)
     for name in ("lr_vision", "lr_decoder"):
@@ -253,6 +256,14 @@ def main(argv=None):
             print(f"resumed from {last_path} at step {step} (best val {best_val:.4f})")
     dmodel = wrap_model(model, run, args.compile)
 
+    # phase 1 text replay: every k-th step is a text batch instead of a question batch
+    text_every = round(1 / args.text_frac) if args.text_frac > 0 else 0
+    if text_every:
+        import phase1_text
+        p1_path = os.path.join(args.out_dir, "phase1", "best.pt")
+        p1 = load_checkpoint(p1_path, "phase1", run_first="python phase1_text.py (or pass --text_frac 0)")
+        _, _, text_train, _ = phase1_text.prepare_data(SimpleNamespace(**p1["args"]), run)
+
     mean_len = float(np.mean([len(p) + len(a) for p, a in zip(train.prompts[:2000], train.answers[:2000])]))
     flops_per_sample = model.flops_per_sample(mean_len)
     if run.master:
@@ -293,20 +304,27 @@ def main(argv=None):
             break
 
         set_lr(optimizer, lr_at(step, 1.0, args.max_steps, args.warmup, args.min_lr_frac))
-        idx = torch.randint(len(train.rows), (args.batch_size,), generator=gen).numpy()
-        idx = idx[run.rank::run.world_size]  # same global batch, each rank its own rows
-        imgs, x, y = to_run(run, *vqa_batch(train, idx))
-        with run.autocast:
-            _, loss = dmodel(imgs, x, y)
+        if text_every and step % text_every == text_every - 1:
+            x, y = phase1_text.get_batch(text_train, args.batch_size, 64, gen, run)  # 64-token windows
+            with run.autocast:
+                _, loss = dmodel.module.decoder(x, y) if run.ddp else model.decoder(x, y)
+            counts = dict(tokens=x.numel(), flops=model.decoder.flops_per_token(x.size(1)) * x.numel())
+        else:
+            idx = torch.randint(len(train.rows), (args.batch_size,), generator=gen).numpy()
+            idx = idx[run.rank::run.world_size]  # same global batch, each rank its own rows
+            imgs, x, y = to_run(run, *vqa_batch(train, idx))
+            with run.autocast:
+                _, loss = dmodel(imgs, x, y)
+            counts = dict(tokens=int((y >= 0).sum()), images=len(idx), flops=flops_per_sample * len(idx))
         loss.backward()
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_value = loss.item()
+        loss_value = all_reduce_mean(loss.item(), run)  # mean over ranks, the same on every rank
         check_finite(loss_value, step, out)
         step += 1
-        meter.add(tokens=int((y >= 0).sum()), images=len(idx), flops=flops_per_sample * len(idx))
+        meter.add(**counts)
         pbar.update(1)
         if run.master and step % args.log_interval == 0:
             tqdm.write(f"step {step} | loss {loss_value:.4f} | lr {optimizer.param_groups[0]['lr']:.2e} | "
