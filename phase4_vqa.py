@@ -261,7 +261,7 @@ def main(argv=None):
     if text_every:
         import phase1_text
         p1_path = os.path.join(args.out_dir, "phase1", "best.pt")
-        p1 = load_checkpoint(p1_path, "phase1", run_first="python phase1_text.py (or pass --text_frac 0)")
+        p1 = load_checkpoint(p1_path, "phase1", run_first="python phase1_text.py` (phase 4 replays its text), or pass `--text_frac 0")
         _, _, text_train, _ = phase1_text.prepare_data(SimpleNamespace(**p1["args"]), run)
 
     mean_len = float(np.mean([len(p) + len(a) for p, a in zip(train.prompts[:2000], train.answers[:2000])]))
@@ -270,6 +270,8 @@ def main(argv=None):
         types = ", ".join(f"{t} {len(a)}" for t, a in sorted(ranked.items()))
         print(f"device {run.device} x{run.world_size} | {len(train.rows):,} train questions on {len(set(train.image)):,} "
               f"images | {len(val.rows):,} val | {P} image tokens | from {src_path} | answers per type: {types}")
+        if text_every:
+            print(f"1 step in {text_every} replays a batch of phase 1 text ({len(text_train):,} tokens)")
 
     def checkpoint(val_loss, with_optimizer):
         return make_checkpoint(model, PHASE, src["tokenizer"], step, val_loss, best_val, args,

@@ -77,3 +77,11 @@ def test_phase3_end_to_end_vision_frozen_and_control(world, pipeline, copy_run):
     assert os.path.exists(os.path.join(ctrl, "best.pt"))
     assert not os.path.exists(os.path.join(ctrl, "synthetic.jsonl"))
     assert load(os.path.join(ctrl, "last.pt"))["step"] == load(os.path.join(out, "last.pt"))["step"] == 6
+    # phase 4 starts from this phase 3 checkpoint and replays phase 1 text on every 2nd step
+    r = run_script("phase4_vqa.py", "--world_dir", world, "--out_dir", "out", "--batch_size", "8", "--max_steps", "4",
+                   "--text_frac", "0.5", "--eval_interval", "2", "--eval_batches", "1", "--n_test", "20",
+                   "--log_interval", "1", cwd=d)
+    assert_ok(r)
+    assert "1 step in 2 replays a batch of phase 1 text" in r.stdout and "from out/phase3/best.pt" in r.stdout
+    p4 = load(os.path.join(d, "out", "phase4", "last.pt"))
+    assert p4["step"] == 4 and p4["phase"] == "phase4"

@@ -251,6 +251,9 @@ def test_script_end_to_end_and_resume(world, tmp_path, monkeypatch, capsys):
     with pytest.raises(UserError, match=r"run `python phase2_caption.py` first"):
         P4.main(base + ["--init", "phase2"])
     _phase2_checkpoint(world, out)
+    with pytest.raises(UserError, match=r"replays its text.*--text_frac 0"):  # no phase 1 run in this folder
+        P4.main(base + ["--init", "phase2"])
+    base += ["--text_frac", "0"]  # text replay is covered in test_phase3 on a real phase 1 -> 3 pipeline
     P4.main(base + ["--init", "phase2", "--max_steps", "3"])
     text = capsys.readouterr().out
     assert "| majority |" in text and "all " in text
@@ -284,7 +287,7 @@ def test_script_on_vqav2_fixture(world, tmp_path, capsys):
     out = str(tmp_path / "out")
     _phase2_checkpoint(world, out)
     P4.main(["--device", "cpu", "--out_dir", out, "--init", "phase2", "--vqa_questions", qp, "--vqa_annotations", ap,
-             "--vqa_images", folder, "--vqa_val_frac", "0.34", "--max_steps", "2", "--batch_size", "4", "--quiet"])
+             "--vqa_images", folder, "--vqa_val_frac", "0.34", "--max_steps", "2", "--batch_size", "4", "--text_frac", "0", "--quiet"])
     res = json.load(open(os.path.join(out, "phase4", "results.json")))
     assert res["by_type"]["all"]["n"] >= 1
     assert set(res["by_type"]) <= {"yes/no", "number", "other", "all"}
