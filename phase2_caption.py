@@ -47,18 +47,18 @@ def parse_args(argv=None):
     p.add_argument("--vit_d", type=int, default=128)
     p.add_argument("--merge", type=int, default=2, help="projector merges merge x merge patches into one token")
     # optimisation
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--max_steps", type=int, default=360)
-    p.add_argument("--lr_new", type=float, default=3e-3, help="ViT + projector")
+    p.add_argument("--batch_size", type=int, default=32, help="32 x 720 steps beat 64 x 360 at equal compute (41 vs 17 percent exact captions)")
+    p.add_argument("--max_steps", type=int, default=800, help="~4 min on 2 idle CPU cores, test included")
+    p.add_argument("--lr_new", type=float, default=1e-3, help="ViT + projector")
     p.add_argument("--lr_decoder", type=float, default=1e-3, help="the pretrained phase 1 decoder")
     p.add_argument("--freeze_decoder", action="store_true")
     p.add_argument("--freeze_vit", action="store_true")
-    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--min_lr_frac", type=float, default=0.1)
     p.add_argument("--weight_decay", type=float, default=0.1)
     p.add_argument("--grad_clip", type=float, default=1.0)
     # evaluation / logging
-    p.add_argument("--eval_interval", type=int, default=120)
+    p.add_argument("--eval_interval", type=int, default=300)
     p.add_argument("--eval_batches", type=int, default=8)
     p.add_argument("--log_interval", type=int, default=25)
     p.add_argument("--n_test", type=int, default=300, help="held-out images captioned at the end")
@@ -246,7 +246,8 @@ def main(argv=None):
 
         set_lr(optimizer, lr_at(step, 1.0, args.max_steps, args.warmup, args.min_lr_frac))
         if text_every and step % text_every == text_every - 1:
-            x, y = phase1_text.get_batch(text_train, args.batch_size, model.decoder.cfg.max_seq_len, gen, run)
+            # 64-token windows: as long as a caption with its image prefix, half the cost of full rows
+            x, y = phase1_text.get_batch(text_train, args.batch_size, 64, gen, run)
             with run.autocast:
                 _, loss = dmodel.module.decoder(x, y) if run.ddp else model.decoder(x, y)
             counts = dict(tokens=x.numel(), flops=model.decoder.flops_per_token(x.size(1)) * x.numel())
