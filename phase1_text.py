@@ -151,6 +151,15 @@ def get_batch(stream, batch_size, seq_len, gen, run):
     return x.to(run.device), y.to(run.device)
 
 
+REPLAY_LEN = 64  # phases 2 and 4 replay phase 1 text in windows about as long as their own sequences
+
+
+def replay_batch(stream, batch_size, decoder_cfg, gen, run):
+    """A phase 1 text batch for a later phase's replay step: REPLAY_LEN-token windows (half the cost of
+    full rows), never longer than the decoder's context."""
+    return get_batch(stream, batch_size, min(REPLAY_LEN, decoder_cfg.max_seq_len), gen, run)
+
+
 @torch.no_grad()
 def evaluate(model, stream, args, run):
     """Mean loss over the same eval_iters batches every time (own generator: training RNG untouched)."""

@@ -307,7 +307,7 @@ def main(argv=None):
 
         set_lr(optimizer, lr_at(step, 1.0, args.max_steps, args.warmup, args.min_lr_frac))
         if text_every and step % text_every == text_every - 1:
-            x, y = phase1_text.get_batch(text_train, args.batch_size, 64, gen, run)  # 64-token windows
+            x, y = phase1_text.replay_batch(text_train, args.batch_size, model.decoder.cfg, gen, run)
             with run.autocast:
                 _, loss = dmodel.module.decoder(x, y) if run.ddp else model.decoder(x, y)
             counts = dict(tokens=x.numel(), flops=model.decoder.flops_per_token(x.size(1)) * x.numel())

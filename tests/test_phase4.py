@@ -3,6 +3,7 @@ loader on a hand-made fixture, answer ranking, and the script end to end on a ti
 import json
 import os
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -293,3 +294,14 @@ def test_script_on_vqav2_fixture(world, tmp_path, capsys):
     assert set(res["by_type"]) <= {"yes/no", "number", "other", "all"}
     with pytest.raises(UserError, match="needs all three"):
         P4.parse_args(["--vqa_questions", qp])
+
+
+def test_text_replay_windows_fit_the_decoder():
+    import phase1_text
+    run = SimpleNamespace(rank=0, world_size=1, device_type="cpu", device="cpu")
+    stream = np.arange(1000, dtype=np.uint16)
+    g = torch.Generator().manual_seed(0)
+    for max_len, want in ((256, phase1_text.REPLAY_LEN), (32, 32)):
+        x, y = phase1_text.replay_batch(stream, 4, DecoderConfig(max_seq_len=max_len), g, run)
+        assert x.shape == y.shape == (4, want)
+        assert torch.equal(y[:, :-1], x[:, 1:])  # targets are the inputs shifted by one
