@@ -257,7 +257,8 @@ def main(argv=None):
     dmodel = wrap_model(model, run, args.compile)
 
     # phase 1 text replay: every k-th step is a text batch instead of a question batch
-    text_every = round(1 / args.text_frac) if args.text_frac > 0 else 0
+    # (pointless, and nothing to backpropagate into, when the decoder is frozen)
+    text_every = round(1 / args.text_frac) if args.text_frac > 0 and not args.freeze_decoder else 0
     if text_every:
         import phase1_text
         p1_path = os.path.join(args.out_dir, "phase1", "best.pt")
@@ -306,7 +307,8 @@ def main(argv=None):
             break
 
         set_lr(optimizer, lr_at(step, 1.0, args.max_steps, args.warmup, args.min_lr_frac))
-        if text_every and step % text_every == text_every - 1:
+        replay = " (text replay)" if text_every and step % text_every == text_every - 1 else ""
+        if replay:
             x, y = phase1_text.replay_batch(text_train, args.batch_size, model.decoder.cfg, gen, run)
             with run.autocast:
                 _, loss = dmodel.module.decoder(x, y) if run.ddp else model.decoder(x, y)
@@ -329,7 +331,7 @@ def main(argv=None):
         meter.add(**counts)
         pbar.update(1)
         if run.master and step % args.log_interval == 0:
-            tqdm.write(f"step {step} | loss {loss_value:.4f} | lr {optimizer.param_groups[0]['lr']:.2e} | "
+            tqdm.write(f"step {step} | loss {loss_value:.4f}{replay} | lr {optimizer.param_groups[0]['lr']:.2e} | "
                        f"{fmt_speed(meter.report())}")
         if stop.stop:
             if run.master:
