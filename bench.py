@@ -5,7 +5,7 @@ installed, a Hugging Face LlamaForCausalLM of the identical shape (holding the v
 trained and asked to generate in the same process, interleaved with ours, and the ratios are printed.
 
   python bench.py --device cpu --config cpu            # the README numbers (2-core CPU, fp32)
-  python bench.py --device cuda --config gpu --compile # ~85M params, bf16 autocast, on an H100
+  python bench.py --device cuda --config gpu --compile # ~91M params, bf16 autocast, on a GPU
   python bench.py --config vlm                         # ViT + projector + decoder training step
   python bench.py --config tiny --steps 2 --skip_hf --json out.json   # seconds; used by the tests
 """

@@ -71,6 +71,8 @@ def setup(args):
             raise UserError(f"--device {args.device} was asked for but CUDA is not available here; use --device cpu")
         if ddp:
             dev = f"cuda:{local}"
+        elif dev == "cuda":
+            dev = "cuda:0"  # set_device needs an index
         torch.cuda.set_device(dev)
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
         torch.backends.cudnn.allow_tf32 = True

@@ -572,8 +572,9 @@ def draw_chart(results, path, width=900, height=480):
                 lab = "n/a"
             else:
                 v = min(max(v, 0.0), 1.0)
-                if v > 0:
-                    dr.rectangle([round(bx), round(yv(v)), round(bx + bar_w) - 1, round(y1) - 1], fill=color)
+                if v > 0:  # at least one pixel tall (a tiny value would round to an empty, invalid box)
+                    top_px = min(round(yv(v)), round(y1) - 1)
+                    dr.rectangle([round(bx), top_px, round(bx + bar_w) - 1, round(y1) - 1], fill=color)
                 lab = f"{v:.2f}"
             tw, th = text_size(lab, small)
             ly = (yv(v) if v is not None else y1) - th - 6

@@ -248,3 +248,14 @@ def test_cli_errors(sp, sp_path, tmp_path):
         path = save_tiny(tiny_decoder(sp), str(tmp_path / "out"), "phase1", sp_path)
         with pytest.raises(UserError, match="CUDA"):
             ev.main(["--ckpt", path, "--no_world", "--device", "cuda"])
+
+
+def test_chart_draws_a_tiny_value(tmp_path):
+    # 0.001 rounds to the zero line: it used to make PIL raise "y1 must be greater than or equal to y0"
+    rows = [{"name": "phase4", "metrics": {"language_avg": 0.001, "vl_avg": 1e-9}}]
+    path = str(tmp_path / "chart.png")
+    ev.draw_chart(rows, path, width=640, height=360)
+    from PIL import Image
+    with Image.open(path) as img:
+        assert img.size == (640, 360)
+        assert max(bar_heights(img, (52, 101, 164))) >= 1

@@ -105,6 +105,27 @@ def test_device_cuda_without_cuda(tmp_path, world):
     assert not os.path.exists(tmp_path / "out" / "phase1")
 
 
+@pytest.mark.parametrize("asked, expected", [("cuda", "cuda:0"), ("cuda:1", "cuda:1"), ("auto", "cuda:0")])
+def test_device_cuda_picks_an_indexed_device(monkeypatch, asked, expected):
+    # torch.cuda.set_device("cuda") raises "Expected a torch.device with a specified index": every
+    # phase crashed on a GPU with plain --device cuda until a GPU run caught it. Emulate that check here.
+    import argparse
+    import common
+    seen = []
+
+    def set_device(dev):
+        if torch.device(dev).index is None:
+            raise ValueError(f"Expected a torch.device with a specified index or an integer, but got:{dev}")
+        seen.append(dev)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setattr(common, "seed_everything", lambda seed: None)  # would seed the (absent) GPU
+    run = common.setup(argparse.Namespace(device=asked, seed=0))
+    assert seen == [expected] and run.device == expected and run.device_type == "cuda"
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Data folders and files
 
