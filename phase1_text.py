@@ -160,6 +160,23 @@ def replay_batch(stream, batch_size, decoder_cfg, gen, run):
     return get_batch(stream, batch_size, min(REPLAY_LEN, decoder_cfg.max_seq_len), gen, run)
 
 
+def replay_step(decoder, stream, batch_size, gen, run):
+    """Forward + backward of one phase 1 text batch through a VLM's decoder (phases 2 and 4). Returns
+    (loss, meter counts). The decoder is called outside DDP's forward (the VLM's wants images), so DDP
+    averages nothing: the gradients are averaged over ranks here, as DDP would have done."""
+    x, y = replay_batch(stream, batch_size, decoder.cfg, gen, run)
+    with run.autocast:
+        _, loss = decoder(x, y)
+    loss.backward()
+    if run.ddp:
+        import torch.distributed as dist
+        for p in decoder.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad.div_(run.world_size)
+    return loss.detach(), dict(tokens=x.numel(), flops=decoder.flops_per_token(x.size(1)) * x.numel())
+
+
 @torch.no_grad()
 def evaluate(model, stream, args, run):
     """Mean loss over the same eval_iters batches every time (own generator: training RNG untouched)."""

@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--length_groups", type=int, default=2,
                    help="cut each batch, sorted by caption length, into this many micro-batches (less padding)")
     p.add_argument("--batch_size", type=int, default=32, help="32 x 720 steps beat 64 x 360 at equal compute (41 vs 17 percent exact captions)")
-    p.add_argument("--max_steps", type=int, default=1000, help="5 min 17 s measured on 2 busy CPU cores (128 GFLOP/s); ~3 min estimated on idle ones")
+    p.add_argument("--max_steps", type=int, default=1000, help="1000: ~5 min on 2 CPU cores, 24-41%% exact captions; 2500: 13 min, 77%% (README)")
     p.add_argument("--lr_new", type=float, default=1e-3, help="ViT + projector")
     p.add_argument("--lr_decoder", type=float, default=1e-3, help="the pretrained phase 1 decoder")
     p.add_argument("--freeze_decoder", action="store_true")
@@ -108,11 +108,13 @@ def load_caption_data(args, sp):
     return {s: pack(*load_world_split(args.world_dir, f"caption_{s}")) for s in ("train", "val", "test")}
 
 
-def caption_batches(data, idx, gen, canonical_frac, groups=1):
+def caption_batches(data, idx, gen, canonical_frac, groups=1, mine=slice(None)):
     """Captions for images idx, as `groups` micro-batches of images (b,H,W,3) uint8 and padded (b,T)
     inputs/targets. Targets are -1 on padding, so only caption tokens (and EOS) carry loss.
     Rows are sorted by caption length before the cut, so a one-object caption (12 tokens) is not
-    padded to a four-object one (36): the same gradient (see the training loop) for less work."""
+    padded to a four-object one (36): the same gradient (see the training loop) for less work.
+    Under DDP idx is the global batch: every rank draws the captions of all of it, so the generator
+    stays in step with one process, and keeps its own rows `mine`."""
     seqs = []
     for i in idx:
         caps = data.captions[i]
@@ -121,6 +123,7 @@ def caption_batches(data, idx, gen, canonical_frac, groups=1):
             seqs.append(caps[0])
         else:
             seqs.append(caps[1 + int(torch.randint(len(caps) - 1, (), generator=gen))])
+    idx, seqs = idx[mine], seqs[mine]
     by_len = np.argsort([len(s) for s in seqs], kind="stable")
     return [pad_batch(data, idx[part], [seqs[r] for r in part])
             for part in np.array_split(by_len, min(groups, len(seqs)))]
@@ -259,28 +262,28 @@ def main(argv=None):
         set_lr(optimizer, lr_at(step, 1.0, args.max_steps, args.warmup, args.min_lr_frac))
         replay = " (text replay)" if text_every and step % text_every == text_every - 1 else ""
         if replay:
-            x, y = phase1_text.replay_batch(text_train, args.batch_size, model.decoder.cfg, gen, run)
-            with run.autocast:
-                _, loss = dmodel.module.decoder(x, y) if run.ddp else model.decoder(x, y)
-            loss.backward()
-            counts = dict(tokens=x.numel(), flops=model.decoder.flops_per_token(x.size(1)) * x.numel())
+            loss, counts = phase1_text.replay_step(model.decoder, text_train, args.batch_size, gen, run)
         else:
             idx = torch.randint(len(train.captions), (args.batch_size,), generator=gen).numpy()
-            idx = idx[run.rank::run.world_size]  # same global batch, each rank its own rows
-            parts = [to_run(run, *b) for b in caption_batches(train, idx, gen, args.canonical_frac, args.length_groups)]
+            mine = slice(run.rank, None, run.world_size)  # same global batch, each rank its own rows
+            parts = [to_run(run, *b) for b in
+                     caption_batches(train, idx, gen, args.canonical_frac, args.length_groups, mine)]
             part_tok = [int((y >= 0).sum()) for _, _, y in parts]
             n_tok = sum(part_tok)
+            n_mean = all_reduce_mean(float(n_tok), run)  # ranks hold captions of different lengths
             loss = 0.0
             for k, (imgs, x, y) in enumerate(parts):
-                # token-weighted sum of the micro-batch means = the mean over the whole batch;
-                # DDP all-reduces the gradients once, after the last micro-batch
+                # token-weighted micro-batch means: summed here and averaged over ranks by DDP, they give
+                # the mean over every caption token of the global batch; DDP all-reduces the gradients
+                # once, after the last micro-batch
                 sync = nullcontext() if not run.ddp or k == len(parts) - 1 else dmodel.no_sync()
                 with sync, run.autocast:
                     _, part_loss = dmodel(imgs, x, y)
-                    part_loss = part_loss * (part_tok[k] / n_tok)
+                    part_loss = part_loss * (part_tok[k] / n_mean)
                 part_loss.backward()
                 loss = loss + part_loss.detach()
-            counts = dict(tokens=n_tok, images=len(idx), flops=flops_per_image * len(idx))
+            n_img = len(idx[mine])
+            counts = dict(tokens=n_tok, images=n_img, flops=flops_per_image * n_img)
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()

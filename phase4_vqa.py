@@ -309,18 +309,18 @@ def main(argv=None):
         set_lr(optimizer, lr_at(step, 1.0, args.max_steps, args.warmup, args.min_lr_frac))
         replay = " (text replay)" if text_every and step % text_every == text_every - 1 else ""
         if replay:
-            x, y = phase1_text.replay_batch(text_train, args.batch_size, model.decoder.cfg, gen, run)
-            with run.autocast:
-                _, loss = dmodel.module.decoder(x, y) if run.ddp else model.decoder(x, y)
-            counts = dict(tokens=x.numel(), flops=model.decoder.flops_per_token(x.size(1)) * x.numel())
+            loss, counts = phase1_text.replay_step(model.decoder, text_train, args.batch_size, gen, run)
         else:
             idx = torch.randint(len(train.rows), (args.batch_size,), generator=gen).numpy()
             idx = idx[run.rank::run.world_size]  # same global batch, each rank its own rows
             imgs, x, y = to_run(run, *vqa_batch(train, idx))
+            n_tok = int((y >= 0).sum())
             with run.autocast:
                 _, loss = dmodel(imgs, x, y)
-            counts = dict(tokens=int((y >= 0).sum()), images=len(idx), flops=flops_per_sample * len(idx))
-        loss.backward()
+            if run.ddp:  # answers differ in length: weigh each rank's mean by its tokens, as one process would
+                loss = loss * (n_tok / all_reduce_mean(float(n_tok), run))
+            loss.backward()
+            counts = dict(tokens=n_tok, images=len(idx), flops=flops_per_sample * len(idx))
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
