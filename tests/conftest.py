@@ -9,6 +9,7 @@ one thread each, tiny models.
 import concurrent.futures
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -86,6 +87,11 @@ def hashes(folder):
                 p = os.path.join(d, f)
                 out[os.path.relpath(p, folder)] = sha(p)
     return out
+
+
+def train_losses(stdout):
+    """{step: training loss} from the `step N | loss X` log lines (text-replay steps included)."""
+    return {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"^step (\d+) \| loss ([-\d.naif]+)", stdout, re.M)}
 
 
 def load(path):

@@ -1,5 +1,5 @@
-"""Issue 8: two DDP processes on CPU (gloo, launched by torchrun) train phase 1 exactly like one process with the
-same global batch: the same loss curve and the same weights, up to float summation order."""
+"""Issue 8: two DDP processes on CPU (gloo, launched by torchrun) train phases 1, 2 and 4 exactly like one process
+with the same global batch: the same loss curve and the same weights, up to float summation order."""
 import os
 import re
 import subprocess
@@ -7,43 +7,8 @@ import sys
 
 import torch
 
-from conftest import P1_STEPS, ROOT, TIMEOUT, TINY_P1, TINY_P2, load, script_cmd, script_env, show, tensors
-
-
-def losses(stdout):
-    """{step: training loss} from the `step N | loss X` log lines."""
-    return {int(m.group(1)): float(m.group(2)) for m in re.finditer(r"^step (\d+) \| loss ([-\d.naif]+)", stdout, re.M)}
-
-
-def test_two_process_ddp_matches_one_process(tmp_path, world, phase1_dir):
-    d = str(tmp_path / "ddp")
-    os.makedirs(d)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "phase1_text.py"), "--device", "cpu", "--quiet", "--world_dir", world,
-           "--out_dir", "out", *TINY_P1]  # --batch_size 8 is the global batch: 4 rows per process
-    r = subprocess.run(cmd, cwd=d, env=script_env(), capture_output=True, text=True, timeout=TIMEOUT)
-    assert r.returncode == 0, show(r)
-    assert "device cpu x2" in r.stdout, r.stdout
-    assert r.stdout.count("done: best val loss") == 1  # only rank 0 prints
-
-    with open(os.path.join(phase1_dir, "stdout.txt")) as f:
-        single = f.read()  # the one-process run of the same command (conftest's phase1_dir)
-    a, b = losses(r.stdout), losses(single)
-    assert sorted(a) == sorted(b) == list(range(1, P1_STEPS + 1))
-    for step in a:  # logged with 4 decimals: equal up to rounding of nearly equal floats
-        assert abs(a[step] - b[step]) <= 2e-4, (step, a[step], b[step])
-    val_a = re.findall(r"^step (\d+) \| val loss ([\d.]+)", r.stdout, re.M)
-    val_b = re.findall(r"^step (\d+) \| val loss ([\d.]+)", single, re.M)
-    assert len(val_a) == len(val_b) > 1
-    for (sa, la), (sb, lb) in zip(val_a, val_b):
-        assert sa == sb and abs(float(la) - float(lb)) <= 2e-4, (sa, la, lb)
-
-    ddp, one = load(os.path.join(d, "out", "phase1", "last.pt")), load(os.path.join(phase1_dir, "out", "phase1", "last.pt"))
-    assert ddp["step"] == one["step"] == P1_STEPS
-    ta, tb = tensors(ddp["model"]), tensors(one["model"])
-    assert ta.keys() == tb.keys()
-    for k in ta:
-        assert torch.allclose(ta[k], tb[k], rtol=1e-4, atol=1e-5), (k, (ta[k] - tb[k]).abs().max().item())
+from conftest import (P1_STEPS, ROOT, TIMEOUT, TINY_P1, TINY_P2, load, run_script, script_env, show, tensors,
+                      train_losses)
 
 
 def _torchrun(script, cwd, *args):
@@ -53,16 +18,36 @@ def _torchrun(script, cwd, *args):
 
 
 def _same_run(a_dir, a_out, b_dir, b_out, phase, steps):
-    """Same training-loss curve (4 decimals) and the same final weights."""
-    a, b = losses(a_out), losses(b_out)
+    """Same training-loss curve (4 decimals), the same step count and the same final weights."""
+    a, b = train_losses(a_out), train_losses(b_out)
     assert sorted(a) == sorted(b) == list(range(1, steps + 1)), (sorted(a), sorted(b))
-    for step in a:
+    for step in a:  # logged with 4 decimals: equal up to rounding of nearly equal floats
         assert abs(a[step] - b[step]) <= 2e-4, (phase, step, a[step], b[step])
-    ta = tensors(load(os.path.join(a_dir, "out", phase, "last.pt"))["model"])
-    tb = tensors(load(os.path.join(b_dir, "out", phase, "last.pt"))["model"])
+    ca, cb = load(os.path.join(a_dir, "out", phase, "last.pt")), load(os.path.join(b_dir, "out", phase, "last.pt"))
+    assert ca["step"] == cb["step"] == steps
+    ta, tb = tensors(ca["model"]), tensors(cb["model"])
     assert ta.keys() == tb.keys()
     for k in ta:
         assert torch.allclose(ta[k], tb[k], rtol=1e-4, atol=1e-5), (phase, k, (ta[k] - tb[k]).abs().max().item())
+
+
+def test_two_process_ddp_matches_one_process(tmp_path, world, phase1_dir):
+    d = str(tmp_path / "ddp")
+    os.makedirs(d)
+    # --batch_size 8 is the global batch: 4 rows per process
+    r = _torchrun("phase1_text.py", d, "--world_dir", world, "--out_dir", "out", *TINY_P1)
+    assert r.returncode == 0, show(r)
+    assert "device cpu x2" in r.stdout, r.stdout
+    assert r.stdout.count("done: best val loss") == 1  # only rank 0 prints
+
+    with open(os.path.join(phase1_dir, "stdout.txt")) as f:
+        single = f.read()  # the one-process run of the same command (conftest's phase1_dir)
+    val_a = re.findall(r"^step (\d+) \| val loss ([\d.]+)", r.stdout, re.M)
+    val_b = re.findall(r"^step (\d+) \| val loss ([\d.]+)", single, re.M)
+    assert len(val_a) == len(val_b) > 1
+    for (sa, la), (sb, lb) in zip(val_a, val_b):
+        assert sa == sb and abs(float(la) - float(lb)) <= 2e-4, (sa, la, lb)
+    _same_run(d, r.stdout, phase1_dir, single, "phase1", P1_STEPS)
 
 
 def test_two_process_ddp_matches_one_process_in_phases_2_and_4(tmp_path, world, phase1_dir):
@@ -77,8 +62,7 @@ def test_two_process_ddp_matches_one_process_in_phases_2_and_4(tmp_path, world, 
     shutil.copytree(phase1_dir, two)
     p2 = ["--world_dir", world, "--out_dir", "out", *TINY_P2, "--max_steps", str(steps), "--text_frac", "0.5",
           "--eval_interval", str(steps), "--n_test", "0", "--length_groups", "2"]
-    r1 = subprocess.run(script_cmd("phase2_caption.py", *p2), cwd=one, env=script_env(), capture_output=True,
-                        text=True, timeout=TIMEOUT)
+    r1 = run_script("phase2_caption.py", *p2, cwd=one)
     r2 = _torchrun("phase2_caption.py", two, *p2)
     assert r1.returncode == 0, show(r1)
     assert r2.returncode == 0 and "device cpu x2" in r2.stdout, show(r2)
@@ -90,8 +74,7 @@ def test_two_process_ddp_matches_one_process_in_phases_2_and_4(tmp_path, world, 
     p4 = ["--world_dir", world, "--out_dir", "out", "--init", "phase2", "--batch_size", "8", "--max_steps", str(steps),
           "--text_frac", "0.5", "--eval_interval", str(steps), "--eval_batches", "1", "--n_test", "0",
           "--log_interval", "1"]
-    r1 = subprocess.run(script_cmd("phase4_vqa.py", *p4), cwd=one, env=script_env(), capture_output=True,
-                        text=True, timeout=TIMEOUT)
+    r1 = run_script("phase4_vqa.py", *p4, cwd=one)
     r2 = _torchrun("phase4_vqa.py", two, *p4)
     assert r1.returncode == 0, show(r1)
     assert r2.returncode == 0 and "device cpu x2" in r2.stdout, show(r2)

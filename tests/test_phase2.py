@@ -5,7 +5,7 @@ import os
 import pytest
 import torch
 
-from conftest import ROOT, TINY_P2, assert_ok, load, run_script
+from conftest import ROOT, TINY_P2, assert_ok, load, run_script, train_losses
 
 COCO_MINI = os.path.join(os.path.dirname(ROOT), "shared", "data", "coco_mini")
 
@@ -71,10 +71,6 @@ def test_frozen_decoder_stays_bit_identical(world, phase1_dir, copy_run):
     assert fresh and last["optimizer"]["state"], "the ViT + projector should have trained"
 
 
-def losses(stdout):
-    return [float(l.split("| loss ")[1].split()[0]) for l in stdout.splitlines() if "| loss " in l]
-
-
 def test_length_groups_give_the_same_loss_curve(world, phase1_dir, copy_run):
     """Sorting a batch by caption length into micro-batches only removes padding: same losses, same weights."""
     runs = []
@@ -83,7 +79,7 @@ def test_length_groups_give_the_same_loss_curve(world, phase1_dir, copy_run):
         r = run_script("phase2_caption.py", "--world_dir", world, "--out_dir", "out", *TINY_P2, "--max_steps", "12",
                        "--eval_interval", "6", "--n_test", "0", "--length_groups", groups, cwd=d)
         assert_ok(r)
-        runs.append((losses(r.stdout), load(os.path.join(d, "out", "phase2", "last.pt"))["model"]))
+        runs.append((list(train_losses(r.stdout).values()), load(os.path.join(d, "out", "phase2", "last.pt"))["model"]))
     (l1, m1), (l3, m3) = runs
     assert len(l1) == 12 and l1 == pytest.approx(l3, rel=1e-4, abs=1e-5)
     for k in m1:
