@@ -201,3 +201,29 @@ def test_vit_is_bidirectional():
     b[0, 12:, 12:] = 255 - b[0, 12:, 12:]  # change only the last patch
     fa, fb = vit(a), vit(b)
     assert not torch.allclose(fa[0, 0], fb[0, 0])  # the first patch sees the last
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_onednn_linear_matches_f_linear_forward_and_backward(bias):
+    """model.Linear sends fp32 CPU matmuls to oneDNN through its own autograd function: output and all
+    three gradients must be nn.Linear's (up to float rounding), for 3-D inputs as the model uses them."""
+    import model
+    if not model.ONEDNN:
+        pytest.skip("this torch build has no oneDNN: model.Linear is plain F.linear")
+    torch.manual_seed(0)
+    lin = model.Linear(48, 80, bias=bias)
+    x = torch.randn(3, 7, 48, requires_grad=True)
+    g = torch.randn(3, 7, 80)
+    y = lin(x)
+    grads = torch.autograd.grad(y, [x] + list(lin.parameters()), g)
+    x_ref = x.detach().clone().requires_grad_()
+    params_ref = [p.detach().clone().requires_grad_() for p in lin.parameters()]
+    y_ref = torch.nn.functional.linear(x_ref, *params_ref)
+    grads_ref = torch.autograd.grad(y_ref, [x_ref] + params_ref, g)
+    assert y.shape == (3, 7, 80)
+    assert "OneDNN" in type(y.grad_fn.next_functions[0][0]).__name__  # the view's input: oneDNN's path was taken
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # inference takes the op directly, same numbers
+        torch.testing.assert_close(lin(x), y_ref, rtol=1e-5, atol=1e-5)
