@@ -105,7 +105,9 @@ def wrap_model(model, run, compile=False):
     if run.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
         ids = [torch.device(run.device).index] if run.device_type == "cuda" else None
-        m = DDP(m, device_ids=ids)
+        # no buffer changes in training (RoPE tables, ViT positions are rebuilt from the config), so
+        # nothing to re-send from rank 0 before every forward
+        m = DDP(m, device_ids=ids, broadcast_buffers=False)
     return m
 
 

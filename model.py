@@ -3,7 +3,8 @@ The model, in one file: a LLaMA-style decoder, a small ViT, a projector, and the
 vision-language model (VLM) that glues them together, plus KV-cache generation.
 
 Read top to bottom:
-  RMSNorm -> rotary embeddings -> Attention -> SwiGLU -> Block -> Decoder (+ generate)
+  RMSNorm -> Linear (a CPU speed-up: skip it on a first read) -> rotary embeddings -> Attention
+  -> SwiGLU -> Block -> Decoder (+ generate)
   ViT -> Projector -> VLM
 Shapes: B batch, T time (tokens), P image-prefix tokens, C/D model width, H heads, hd head dim.
 """
@@ -38,11 +39,13 @@ class _OneDNNLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
+        # keep only what backward will use, as F.linear does: x for W's gradient, W for x's
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
         ctx.has_bias = bias is not None
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the oneDNN op has no derivative: no double backward
     def backward(ctx, g):
         x, weight = ctx.saved_tensors
         gx = gw = gb = None
@@ -55,19 +58,31 @@ class _OneDNNLinear(torch.autograd.Function):
         return gx, gw, gb
 
 
-# oneDNN ships inside the standard CPU wheels; a build without it simply keeps F.linear
-ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+def _onednn_works():
+    """oneDNN ships inside the standard CPU wheels, but its linear op is torch-internal: use it only if
+    it is there and gives F.linear's numbers on a tiny case; otherwise everything keeps F.linear."""
+    try:
+        x, w, b = torch.randn(3, 4), torch.randn(5, 4), torch.randn(5)
+        y = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        return torch.backends.mkldnn.is_available() and torch.allclose(y, F.linear(x, w, b), atol=1e-5)
+    except Exception:  # no such op, or a different signature in another torch version
+        return False
+
+
+ONEDNN = _onednn_works()
 
 
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same checkpoints) whose fp32 CPU matmuls run on oneDNN instead of
     MKL, torch's default. On the 2-core AMD EPYC this project is developed on, oneDNN's fp32 GEMM is
-    1.1-1.5x faster at this model's shapes, forward and backward (bench.py measures the whole step).
-    GPUs, other dtypes and torch.compile (which picks its own kernels) keep F.linear."""
+    1.1-1.5x faster at this model's shapes, forward and backward (bench.py measures the whole step; on
+    other CPUs measure before trusting that). GPUs, other dtypes, CPU autocast, torch.compile (which picks
+    its own kernels) and `torch.backends.mkldnn.flags(enabled=False)` keep F.linear."""
 
     def forward(self, x):
-        if not (ONEDNN and x.is_cpu and x.dtype == torch.float32 == self.weight.dtype and x.numel() > 0
-                and not torch.compiler.is_compiling()):
+        fp32 = x.dtype == torch.float32 and self.weight.dtype == torch.float32
+        if not (ONEDNN and torch.backends.mkldnn.enabled and x.is_cpu and fp32 and x.numel() > 0
+                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
             return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(-1, x.size(-1))  # (N, in)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.weight, self.bias)):
@@ -96,7 +111,8 @@ def rope_qk(qk, cos, sin, n_head):
     then the heads of k side by side. Same numbers as apply_rope, bit for bit, but every op runs over
     whole contiguous rows instead of 16-float half-heads (3x faster on CPU, forward + backward):
         (x1, x2) -> (x1*cos - x2*sin, x2*cos + x1*sin)  =  x * [cos, cos] + [x2, x1] * [-sin, sin]
-    cos, sin: (B|1, T, 2*D) from wide_rope: [cos, cos] and [-sin, sin] tiled over the 2*H heads."""
+    cos, sin: (T | B, T, 2*D) from Decoder.rope_at (tables built by wide_rope): [cos, cos] and
+    [-sin, sin] tiled over the 2*H heads."""
     B, T, C2 = qk.shape
     swapped = qk.view(B, T, 2 * n_head, 2, -1).flip(3).view(B, T, C2)  # (x1, x2) -> (x2, x1) in every head
     return qk * cos + swapped * sin
@@ -133,7 +149,7 @@ class Attention(nn.Module):
             # one new query per row (a KV-cache decoding step): SDPA's CPU kernel is built for blocks of
             # queries and takes 1.5-2x longer here than two small batched matmuls (GPUs keep SDPA)
             att = (q @ k.transpose(-1, -2)) * (C // H) ** -0.5  # (B, H, 1, S)
-            if mask is not None:
+            if mask is not None:  # bool, True = may attend (generate's padding mask)
                 att = att.masked_fill(~mask, float("-inf"))
             y = att.softmax(dim=-1) @ v  # (B, H, 1, hd)
         else:

@@ -271,17 +271,17 @@ def main(argv=None):
         meter.add(tokens=x.numel() * args.grad_accum, flops=flops_per_step)
         pbar.update(1)
         # loss.item() makes the CPU wait until the GPU has finished the step, so it is read only where it
-        # is used: to log it, and to check it is finite before a checkpoint can be written (a NaN stays in
-        # the weights, so the next read catches it)
+        # is used: to log it, and to check it is finite before a checkpoint can be written. A NaN stays in
+        # the weights, so the next read catches it (the error names that step, up to log_interval late).
         if step % args.log_interval == 0 or step % args.eval_interval == 0 or step == args.max_steps:
-            loss_value = all_reduce_mean(loss.item(), run)  # the global batch's loss, the same on every rank
+            loss_value = all_reduce_mean(loss.item(), run)  # last micro-batch's loss, mean over ranks
             check_finite(loss_value, step, out)
         if run.master and step % args.log_interval == 0:
             lr = optimizer.param_groups[0]["lr"]
             tqdm.write(f"step {step} | loss {loss_value:.4f} | lr {lr:.2e} | {fmt_speed(meter.report())}")
         if stop.stop:
             if run.master:
-                check_finite(loss.item(), step, out)
+                check_finite(loss.item(), step, out)  # NaN weights are the same on every rank
                 save_checkpoint(checkpoint(val_loss, True), last_path)
                 tqdm.write(f"interrupted: saved {last_path} at step {step}; continue with --resume")
             cleanup(run)

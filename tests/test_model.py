@@ -221,9 +221,21 @@ def test_onednn_linear_matches_f_linear_forward_and_backward(bias):
     y_ref = torch.nn.functional.linear(x_ref, *params_ref)
     grads_ref = torch.autograd.grad(y_ref, [x_ref] + params_ref, g)
     assert y.shape == (3, 7, 80)
-    assert "OneDNN" in type(y.grad_fn.next_functions[0][0]).__name__  # the view's input: oneDNN's path was taken
+    # y = view(oneDNN(x2d)): the node under the view tells which path ran
+    assert "OneDNN" in type(y.grad_fn.next_functions[0][0]).__name__
     torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     with torch.no_grad():  # inference takes the op directly, same numbers
         torch.testing.assert_close(lin(x), y_ref, rtol=1e-5, atol=1e-5)
+    # a strided slice as the model's head sees it (x[:, -1:]), with the weights frozen: only x's gradient
+    for p in lin.parameters():
+        p.requires_grad_(False)
+    xs = torch.randn(3, 7, 48, requires_grad=True)
+    (gs,) = torch.autograd.grad(lin(xs[:, -1:]).sum(), xs)
+    (gs_ref,) = torch.autograd.grad(torch.nn.functional.linear(xs[:, -1:], *params_ref).sum(), xs)
+    torch.testing.assert_close(gs, gs_ref, rtol=1e-5, atol=1e-5)
+    # the oneDNN op has no derivative of its own: a double backward must fail loudly, not return zeros
+    (gx,) = torch.autograd.grad(lin(xs).square().sum(), xs, create_graph=True)
+    with pytest.raises(RuntimeError):
+        gx.sum().backward()
