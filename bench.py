@@ -54,6 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--seq_len", type=int, default=None, help="training sequence length (caption length for vlm)")
     p.add_argument("--skip_hf", action="store_true", help="do not compare with transformers' Llama")
     p.add_argument("--skip_gen", action="store_true", help="training only")
+    p.add_argument("--gemm", action="store_true",
+                   help="CPU: only time the config's matmul shapes, torch's default F.linear vs model.Linear's oneDNN op")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
@@ -389,6 +391,42 @@ def bench_generation(cfg, ours, vlm, hf, run, seed):
     return out
 
 
+def bench_gemms(cfg, reps=10):
+    """Why model.Linear exists: every matmul shape of the config's decoder, at the training batch
+    (batch*seq rows) and at a batch-64 decoding step, as F.linear (MKL on CPU, torch's default) and as
+    the oneDNN op model.Linear calls, interleaved, median of `reps`. Forward is (N, in) @ W.T; the
+    input gradient is (N, out) @ W, written as a linear layer with weight W.T."""
+    import model
+    if not model.ONEDNN:
+        raise UserError("this torch build has no usable oneDNN linear op: model.Linear is plain F.linear here")
+    onednn = torch.ops.mkldnn._linear_pointwise
+    D, V, Hf = cfg["d_model"], cfg["vocab_size"], swiglu_hidden(cfg["d_model"])
+    layers = [("qkv", D, 3 * D), ("attn out", D, D), ("gate+up", D, 2 * Hf), ("down", Hf, D), ("head", D, V)]
+    rows = []
+    for n in (cfg["batch"] * cfg["seq_len"], 64):
+        for name, d_in, d_out in layers:
+            w = torch.randn(d_out, d_in)
+            for what, x, wt in (("forward", torch.randn(n, d_in), w),
+                                ("input grad", torch.randn(n, d_out), w.t().contiguous())):
+                fns = {"mkl": lambda: F.linear(x, wt), "onednn": lambda: onednn(x, wt, None, "none", [], "")}
+                times = {k: [] for k in fns}
+                for rep in range(reps + 3):
+                    for k, fn in fns.items():
+                        t0 = time.perf_counter()
+                        fn()
+                        if rep >= 3:  # the first 3 are warm-up
+                            times[k].append(time.perf_counter() - t0)
+                gf = {k: 2 * n * d_in * d_out / statistics.median(v) / 1e9 for k, v in times.items()}
+                rows.append(dict(layer=name, rows=n, d_in=wt.size(1), d_out=wt.size(0), what=what,
+                                 mkl_gflops=gf["mkl"], onednn_gflops=gf["onednn"]))
+    print(f"{'layer':<9} {'what':<10} {'(rows x in) @ (in x out)':>26} {'MKL GFLOP/s':>12} {'oneDNN':>8} {'ratio':>6}")
+    for r in rows:
+        shape = f"({r['rows']} x {r['d_in']}) @ ({r['d_in']} x {r['d_out']})"
+        print(f"{r['layer']:<9} {r['what']:<10} {shape:>26} {r['mkl_gflops']:>12.0f} {r['onednn_gflops']:>8.0f} "
+              f"{r['onednn_gflops'] / r['mkl_gflops']:>5.2f}x")
+    return rows
+
+
 # -----------------------------------------------------------------------------
 # Report
 
@@ -450,8 +488,13 @@ def main():
         cpu_matmul_peak()  # measure the CPU's peak before anything else loads the machine
     if args.compile and run.device_type != "cuda":
         print("note: --compile on CPU is allowed but rarely faster here", file=sys.stderr)
-    res = bench(args, cfg, run)
-    print_table(res)
+    if args.gemm:
+        if run.device_type != "cpu":
+            raise UserError("--gemm compares CPU matmul libraries: run it with --device cpu")
+        res = {"config": args.config, "gemm": bench_gemms(cfg)}
+    else:
+        res = bench(args, cfg, run)
+        print_table(res)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

@@ -75,13 +75,16 @@ ONEDNN = _onednn_works()
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same checkpoints) whose fp32 CPU matmuls run on oneDNN instead of
     MKL, torch's default. On the 2-core AMD EPYC this project is developed on, oneDNN's fp32 GEMM is
-    1.1-1.5x faster at this model's shapes, forward and backward (bench.py measures the whole step; on
+    1.0-1.5x faster at this model's shapes (`python bench.py --device cpu --gemm` measures them; on
     other CPUs measure before trusting that). GPUs, other dtypes, CPU autocast, torch.compile (which picks
     its own kernels) and `torch.backends.mkldnn.flags(enabled=False)` keep F.linear."""
 
     def forward(self, x):
         fp32 = x.dtype == torch.float32 and self.weight.dtype == torch.float32
-        if not (ONEDNN and torch.backends.mkldnn.enabled and x.is_cpu and fp32 and x.numel() > 0
+        # under 64 rows (e.g. decoding a few sequences) oneDNN's ~20 us fixed cost per call outweighs its
+        # faster kernel: up to 2x slower than MKL at 1-8 rows, about even at 32-64
+        enough_rows = x.numel() >= 64 * x.size(-1) > 0
+        if not (ONEDNN and torch.backends.mkldnn.enabled and x.is_cpu and fp32 and enough_rows
                 and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
             return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(-1, x.size(-1))  # (N, in)

@@ -5,6 +5,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,6 +31,21 @@ def test_bench_tiny_writes_sane_json(tmp_path):
         assert r["cached_tok_s"] > 0 and r["uncached_tok_s"] > 0, batch
         assert r["cached_vs_uncached_match"] == 1.0  # greedy: the cache must not change a single token
     assert "train ours" in proc.stdout  # the table was printed
+
+
+def test_bench_gemm_compares_the_two_cpu_matmul_libraries(tmp_path):
+    import model
+    if not model.ONEDNN:
+        pytest.skip("this torch build has no oneDNN linear op: nothing to compare")
+    out = tmp_path / "gemm.json"
+    proc = subprocess.run([sys.executable, "bench.py", "--config", "tiny", "--device", "cpu", "--gemm",
+                           "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())["gemm"]
+    # 5 layers x forward/input grad x (training rows, 64 decoding rows)
+    assert len(rows) == 20 and {r["rows"] for r in rows} == {4 * 32, 64}
+    assert all(r["mkl_gflops"] > 0 and r["onednn_gflops"] > 0 for r in rows)
+    assert "oneDNN" in proc.stdout and "(128 x 64) @ (64 x 192)" in proc.stdout  # tiny: d=64, qkv 3*64
 
 
 def test_bench_rejects_bad_flags():
