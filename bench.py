@@ -399,7 +399,6 @@ def bench_gemms(cfg, reps=10):
     import model
     if not model.ONEDNN:
         raise UserError("this torch build has no usable oneDNN linear op: model.Linear is plain F.linear here")
-    onednn = torch.ops.mkldnn._linear_pointwise
     D, V, Hf = cfg["d_model"], cfg["vocab_size"], swiglu_hidden(cfg["d_model"])
     layers = [("qkv", D, 3 * D), ("attn out", D, D), ("gate+up", D, 2 * Hf), ("down", Hf, D), ("head", D, V)]
     rows = []
@@ -408,7 +407,7 @@ def bench_gemms(cfg, reps=10):
             w = torch.randn(d_out, d_in)
             for what, x, wt in (("forward", torch.randn(n, d_in), w),
                                 ("input grad", torch.randn(n, d_out), w.t().contiguous())):
-                fns = {"mkl": lambda: F.linear(x, wt), "onednn": lambda: onednn(x, wt, None, "none", [], "")}
+                fns = {"mkl": lambda: F.linear(x, wt), "onednn": lambda: model.onednn_linear(x, wt)}
                 times = {k: [] for k in fns}
                 for rep in range(reps + 3):
                     for k, fn in fns.items():

@@ -32,6 +32,11 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
 
 
+def onednn_linear(x, weight, bias=None):
+    """x @ weight.T (+ bias) for a 2-D fp32 CPU x, on oneDNN's GEMM (a torch-internal op, no autograd)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
 class _OneDNNLinear(torch.autograd.Function):
     """y = x @ W.T (+ b) for 2-D fp32 CPU tensors, forward and input gradient through oneDNN's GEMM.
     The weight gradient stays on torch.mm (MKL): for that shape (W-sized output, long inner dimension)
@@ -42,7 +47,7 @@ class _OneDNNLinear(torch.autograd.Function):
         # keep only what backward will use, as F.linear does: x for W's gradient, W for x's
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
         ctx.has_bias = bias is not None
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+        return onednn_linear(x, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable  # the oneDNN op has no derivative: no double backward
@@ -50,7 +55,7 @@ class _OneDNNLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:  # g @ W, written as a linear layer whose weight is W.T
-            gx = torch.ops.mkldnn._linear_pointwise(g, weight.t().contiguous(), None, "none", [], "")
+            gx = onednn_linear(g, weight.t().contiguous())
         if ctx.needs_input_grad[1]:
             gw = g.t() @ x
         if ctx.has_bias and ctx.needs_input_grad[2]:
@@ -63,7 +68,7 @@ def _onednn_works():
     it is there and gives F.linear's numbers on a tiny case; otherwise everything keeps F.linear."""
     try:
         x, w, b = torch.randn(3, 4), torch.randn(5, 4), torch.randn(5)
-        y = torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+        y = onednn_linear(x, w, b)
         return torch.backends.mkldnn.is_available() and torch.allclose(y, F.linear(x, w, b), atol=1e-5)
     except Exception:  # no such op, or a different signature in another torch version
         return False
@@ -88,10 +93,10 @@ class Linear(nn.Linear):
                 and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
             return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(-1, x.size(-1))  # (N, in)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, self.weight, self.bias)):
+        if torch.is_grad_enabled():
             y = _OneDNNLinear.apply(x2, self.weight, self.bias)  # (N, out)
         else:  # inference: the op itself, without autograd's bookkeeping
-            y = torch.ops.mkldnn._linear_pointwise(x2, self.weight, self.bias, "none", [], "")
+            y = onednn_linear(x2, self.weight, self.bias)
         return y.view(*x.shape[:-1], y.size(-1))
 
 
