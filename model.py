@@ -122,7 +122,9 @@ def rope_qk(qk, cos, sin, n_head):
     cos, sin: (T | B, T, 2*D) from Decoder.rope_at (tables built by wide_rope): [cos, cos] and
     [-sin, sin] tiled over the 2*H heads."""
     B, T, C2 = qk.shape
-    swapped = qk.view(B, T, 2 * n_head, 2, -1).flip(3).view(B, T, C2)  # (x1, x2) -> (x2, x1) in every head
+    # (x1, x2) -> (x2, x1) in every head: roll by 1 on a size-2 dim is that swap, and on CPU it is ~2.5x
+    # faster than flip(3) (0.34 vs 0.90 ms at batch 32 x 128 tokens; flip gathers element by element)
+    swapped = qk.view(B, T, 2 * n_head, 2, -1).roll(1, 3).view(B, T, C2)
     return qk * cos + swapped * sin
 
 
