@@ -120,7 +120,10 @@ def generate_text(model, sp, images, prompts, max_new_tokens=40, batch_size=64, 
     out = []
     for b0 in range(0, len(prompts), batch_size):
         imgs = torch.from_numpy(np.array(images[b0:b0 + batch_size])).to(device)
-        new = model.generate(imgs, prompts[b0:b0 + batch_size], max_new_tokens, eos_id=EOS, **kw)
+        batch = prompts[b0:b0 + batch_size]
+        # an answer can only be as long as the context has room for after the image and the prompt
+        room = model.decoder.cfg.max_seq_len - model.projector.num_tokens() - max(len(p) for p in batch)
+        new = model.generate(imgs, batch, min(max_new_tokens, room), eos_id=EOS, **kw)
         out += [decode(sp, ids) for ids in new]
     return out
 

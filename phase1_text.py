@@ -85,6 +85,15 @@ def prepare_data(args, run):
     tok_dir = os.path.join(args.out_dir, "tokens")
     train_path, val_path = (os.path.join(tok_dir, f"phase1_{key}_{s}.npy") for s in ("train", "val"))
     info_path = os.path.join(args.out_dir, "data.json")
+    if run.master and os.path.exists(tok_path) and os.path.exists(info_path):
+        # one tokenizer per out_dir: later phases and checkpoints there depend on it, so never replace it
+        info = read_info(info_path)
+        if info.get("source") != source:
+            raise UserError(f"{args.out_dir} already holds a tokenizer for {info.get('source')}; "
+                            "use another --out_dir for a different corpus")
+        if info.get("requested_vocab", vocab) != vocab:
+            raise UserError(f"{args.out_dir} already holds a {info['requested_vocab']}-piece tokenizer; "
+                            f"use another --out_dir for --vocab_size={vocab}")
     if run.master and not (os.path.exists(train_path) and os.path.exists(val_path) and os.path.exists(tok_path)):
         if args.data_dir:
             train_lines, val_lines = read_babylm_folder(args.data_dir)
@@ -97,22 +106,21 @@ def prepare_data(args, run):
             # the tokenizer also sees the caption/QA text later phases use, so every word of the
             # world is a piece from the start (the model itself only sees phase 1 text here)
             tok_lines = train_lines + world_extra_text(args.world_dir)
-        if os.path.exists(tok_path) and os.path.exists(info_path) and read_info(info_path).get("source") == source:
+        requested = vocab
+        if os.path.exists(tok_path) and os.path.exists(info_path):  # same corpus (checked above): reuse it
             sp = load_tokenizer(tok_path)
+            requested = read_info(info_path).get("requested_vocab", vocab)
         else:
             print(f"training a {vocab}-piece BPE tokenizer on {len(tok_lines):,} lines -> {tok_path}")
             sp = train_tokenizer(tok_lines, tok_path, vocab)
         tokenize_lines(train_lines, sp, train_path, BOS, EOS)
         tokenize_lines(val_lines, sp, val_path, BOS, EOS)
         with open(info_path, "w") as f:
-            json.dump({"source": source, "vocab_size": sp.get_piece_size(), "world_dir": args.world_dir,
-                       "data_dir": args.data_dir}, f, indent=1)
+            json.dump({"source": source, "vocab_size": sp.get_piece_size(), "requested_vocab": requested,
+                       "world_dir": args.world_dir, "data_dir": args.data_dir}, f, indent=1)
     if run.ddp:
         import torch.distributed as dist
         dist.barrier()
-    if run.master and os.path.exists(info_path) and read_info(info_path).get("source") != source:
-        raise UserError(f"{args.out_dir} already holds a tokenizer for {read_info(info_path).get('source')}; "
-                        "use another --out_dir for a different corpus")
     sp = load_tokenizer(tok_path)
     train = np.load(train_path, mmap_mode="r")
     val = np.load(val_path, mmap_mode="r")
@@ -213,6 +221,9 @@ def main(argv=None):
         cfg = DecoderConfig(**ckpt["decoder_config"])
         if cfg.vocab_size != vocab:
             raise UserError(f"{last_path} has vocab {cfg.vocab_size} but {tok_path} has {vocab}; resume with the same --out_dir and data")
+        if args.seq_len > cfg.max_seq_len:
+            raise UserError(f"--seq_len={args.seq_len} exceeds the resumed model's max_seq_len={cfg.max_seq_len}; "
+                            f"resume with --seq_len {cfg.max_seq_len} or less")
     else:
         cfg = DecoderConfig(vocab_size=vocab, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
                             max_seq_len=args.seq_len, tie_embeddings=not args.untied)
@@ -241,7 +252,7 @@ def main(argv=None):
     pbar = tqdm(total=args.max_steps, initial=step, disable=not run.master or args.quiet, desc=PHASE, dynamic_ncols=True)
     val_loss = float("nan")
     while True:
-        last_step = step == args.max_steps
+        last_step = step >= args.max_steps  # >=: a resumed run may already be past it
         if step % args.eval_interval == 0 or last_step:
             val_loss = evaluate(dmodel, val, args, run)
             check_finite(val_loss, step, out, "val loss")  # same value on every rank: all stop together

@@ -74,7 +74,11 @@ def parse_args(argv=None):
         check_range(name, getattr(args, name), lo=lo)
     for name in ("canonical_frac", "text_frac", "min_lr_frac"):
         check_range(name, getattr(args, name), lo=0, hi=1)
-    check_range("text_frac", args.text_frac, lo=0, hi=0.9)
+    check_range("text_frac", args.text_frac, lo=0, hi=0.5)  # every round(1/frac)-th step: 0.5 = every other one
+    check_range("weight_decay", args.weight_decay, lo=0)
+    check_range("grad_clip", args.grad_clip, lo=0)
+    if args.patch_size < 2 or args.patch_size & (args.patch_size - 1):
+        raise UserError(f"--patch_size={args.patch_size} must be a power of two, at least 2 (the conv stem halves it per conv)")
     for name in ("lr_new", "lr_decoder"):
         check_range(name, getattr(args, name), lo=0, lo_open=True)
     if args.vit_d % args.vit_heads or args.vit_d % 4:
@@ -206,6 +210,10 @@ def main(argv=None):
               (model.decoder.parameters(), args.lr_decoder)]
     optimizer = make_optimizer(groups, args.weight_decay, (0.9, 0.95), run.device_type)
     if args.resume:
+        for flag in ("freeze_decoder", "freeze_vit"):  # they decide the optimizer's parameter groups
+            if ckpt["args"].get(flag, False) != getattr(args, flag):
+                raise UserError(f"{last_path} was trained {'with' if ckpt['args'].get(flag) else 'without'} "
+                                f"--{flag}; resume the same way")
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"], {"data": gen})
         step, best_val = ckpt["step"], ckpt["best_val"]
@@ -243,7 +251,7 @@ def main(argv=None):
     pbar = tqdm(total=args.max_steps, initial=step, disable=not run.master or args.quiet, desc=PHASE, dynamic_ncols=True)
     val_loss = float("nan")
     while True:
-        last_step = step == args.max_steps
+        last_step = step >= args.max_steps  # >=: a resumed run may already be past it
         if step % args.eval_interval == 0 or last_step:
             val_loss = evaluate(dmodel, val, args, run)
             check_finite(val_loss, step, out, "val loss")  # same value on every rank: all stop together

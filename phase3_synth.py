@@ -74,6 +74,8 @@ def parse_args(argv=None):
     check_range("temperature", args.temperature, lo=0)
     check_range("lr", args.lr, lo=0, lo_open=True)
     check_range("min_lr_frac", args.min_lr_frac, lo=0, hi=1)
+    check_range("weight_decay", args.weight_decay, lo=0)
+    check_range("grad_clip", args.grad_clip, lo=0)
     if args.init not in ("phase2", "phase3", "phase4"):
         raise UserError(f"--init={args.init}: phase 3 needs a model with vision (phase2, phase3 or phase4)")
     args.out_name = args.out_name or ("phase3_control" if args.synthetic_frac == 0 else "phase3")
@@ -108,10 +110,13 @@ def synthesize(model, sp, images, args, run):
 
 
 def filter_synthetic(rows, min_logprob, dedup):
-    """Confidence filter, then (optionally) keep each distinct caption once. Empty captions never count."""
+    """Confidence filter, then (optionally) keep each distinct caption once. Empty captions never count.
+    Rows without a logprob (a corpus from elsewhere) pass the filter only when it is off."""
     kept, seen = [], set()
     for r in rows:
-        if not r["caption"].strip() or r["logprob"] < min_logprob:
+        if "logprob" not in r and min_logprob > float("-inf"):
+            raise UserError("--min_logprob needs a \"logprob\" on every synthetic caption; drop the flag for this corpus")
+        if not r["caption"].strip() or r.get("logprob", 0.0) < min_logprob:
             continue
         if dedup:
             if r["caption"] in seen:
@@ -134,6 +139,8 @@ def read_synthetic(path):
     for i, r in enumerate(rows, 1):
         if not isinstance(r, dict) or not isinstance(r.get("caption"), str):
             raise UserError(f"{path} row {i}: expected an object with a \"caption\" string")
+        if not isinstance(r.get("logprob", 0.0), (int, float)):
+            raise UserError(f"{path} row {i}: \"logprob\" must be a number (or left out)")
     return rows
 
 
@@ -176,6 +183,10 @@ def main(argv=None):
     p1_args = SimpleNamespace(**p1["args"])
     _, _, real_train, real_val = phase1_text.prepare_data(p1_args, run)
     model = build_model(prev).to(run.device)
+    P = model.projector.num_tokens()
+    if P + 1 + args.max_caption_tokens > model.decoder.cfg.max_seq_len:
+        raise UserError(f"{P} image tokens + {args.max_caption_tokens} caption tokens exceed the decoder's "
+                        f"max_seq_len {model.decoder.cfg.max_seq_len}; lower --max_caption_tokens")
 
     # ---- 1. dream: caption the unlabeled images (skipped by the control, which never uses them)
     syn_path = os.path.join(out, "synthetic.jsonl")
@@ -187,6 +198,10 @@ def main(argv=None):
             rows = read_synthetic(syn_path)
         else:
             images = load_unlabeled(args)
+            size = model.vit.cfg.image_size
+            if images.shape[1:3] != (size, size):
+                raise UserError(f"--images holds {images.shape[1]}x{images.shape[2]} images; this model's ViT takes "
+                                f"{size}x{size}: resize them first")
             if args.n_images:
                 images = images[:args.n_images]
             if run.master:  # rank 0 dreams and writes the corpus; the other ranks wait and read it
@@ -239,7 +254,7 @@ def main(argv=None):
     val_loss = float("nan")
     model.train()
     while True:
-        last_step = step == args.max_steps
+        last_step = step >= args.max_steps  # >=: a resumed run may already be past it
         if step % args.eval_interval == 0 or last_step:
             val_loss = phase1_text.evaluate(ddecoder, real_val, val_args, run)  # real held-out text
             check_finite(val_loss, step, out, "val loss")  # same value on every rank: all stop together

@@ -84,7 +84,7 @@ def parse_args(argv=None):
         check_range(name, getattr(args, name), lo=lo)
     check_range("min_lr_frac", args.min_lr_frac, lo=0, hi=1)
     check_range("vqa_val_frac", args.vqa_val_frac, lo=0, hi=0.5, lo_open=True)
-    check_range("text_frac", args.text_frac, lo=0, hi=0.9)
+    check_range("text_frac", args.text_frac, lo=0, hi=0.5)  # every round(1/frac)-th step: 0.5 = every other one
     check_range("weight_decay", args.weight_decay, lo=0)
     check_range("grad_clip", args.grad_clip, lo=0)
     for name in ("lr_vision", "lr_decoder"):
@@ -249,6 +249,10 @@ def main(argv=None):
               (model.decoder.parameters(), args.lr_decoder)]
     optimizer = make_optimizer(groups, args.weight_decay, (0.9, 0.95), run.device_type)
     if args.resume:
+        for flag in ("freeze_decoder", "freeze_vit"):  # they decide the optimizer's parameter groups
+            if ckpt["args"].get(flag, False) != getattr(args, flag):
+                raise UserError(f"{last_path} was trained {'with' if ckpt['args'].get(flag) else 'without'} "
+                                f"--{flag}; resume the same way")
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"], {"data": gen})
         step, best_val = ckpt["step"], ckpt["best_val"]
@@ -291,7 +295,7 @@ def main(argv=None):
     pbar = tqdm(total=args.max_steps, initial=step, disable=not run.master or args.quiet, desc=PHASE, dynamic_ncols=True)
     val_loss = float("nan")
     while True:
-        last_step = step == args.max_steps
+        last_step = step >= args.max_steps  # >=: a resumed run may already be past it
         if step % args.eval_interval == 0 or last_step:
             val_loss = evaluate(dmodel, val, args, run)
             if run.master:

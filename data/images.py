@@ -63,8 +63,13 @@ def load_coco(coco_dir, size, cache_dir):
     if not isinstance(ann, dict) or "images" not in ann or "annotations" not in ann:
         raise UserError(f"{ann_path} is not a COCO captions file (needs 'images' and 'annotations')")
     caps = {}
-    for a in ann["annotations"]:
+    for i, a in enumerate(ann["annotations"]):
+        if not isinstance(a, dict) or "image_id" not in a or not isinstance(a.get("caption"), str):
+            raise UserError(f"{ann_path}: annotation {i} needs an \"image_id\" and a \"caption\" string")
         caps.setdefault(a["image_id"], []).append(" ".join(a["caption"].strip().split()))
+    for i, im in enumerate(ann["images"]):
+        if not isinstance(im, dict) or "id" not in im or not isinstance(im.get("file_name"), str):
+            raise UserError(f"{ann_path}: image entry {i} needs an \"id\" and a \"file_name\"")
     entries = [im for im in ann["images"] if im["id"] in caps]
     key = hashlib.sha1(f"{os.path.abspath(ann_path)}|{size}|{len(entries)}".encode()).hexdigest()[:10]
     cache = os.path.join(cache_dir, f"coco_{key}.npy")

@@ -265,16 +265,114 @@ def test_out_of_range_values_in_process():
     import phase1_text
     import phase2_caption
     import phase3_synth
+    import phase4_vqa
     from common import UserError
     cases = [(phase1_text, ["--lr", "nan"]), (phase1_text, ["--lr", "inf"]), (phase1_text, ["--vocab_size", "100"]),
              (phase1_text, ["--min_lr_frac", "1.5"]), (phase1_text, ["--grad_accum", "0"]),
              (phase2_caption, ["--text_frac", "0.95"]), (phase2_caption, ["--vit_d", "30"]),
              (phase2_caption, ["--lr_decoder", "0"]), (phase3_synth, ["--temperature", "-1"]),
-             (phase3_synth, ["--init", "phase1"]), (phase3_synth, ["--max_steps", "0"])]
+             (phase3_synth, ["--init", "phase1"]), (phase3_synth, ["--max_steps", "0"]),
+             # replay is every round(1/frac)-th step: above 0.5 that rounds to every step, no captions at all
+             (phase2_caption, ["--text_frac", "0.7"]), (phase4_vqa, ["--text_frac", "0.7"]),
+             (phase2_caption, ["--weight_decay", "-1"]), (phase2_caption, ["--grad_clip", "-5"]),
+             (phase3_synth, ["--weight_decay", "-1"]), (phase3_synth, ["--grad_clip", "-5"]),
+             (phase2_caption, ["--patch_size", "1"]), (phase2_caption, ["--patch_size", "3"])]
     for mod, argv in cases:
         with pytest.raises(UserError, match=re.escape(argv[0])):
             mod.parse_args(argv)
     phase1_text.parse_args(["--lr", "1e-3", "--d_model", "32", "--n_head", "2"])  # in range: accepted
+
+
+def test_an_out_dir_keeps_its_tokenizer(world, phase1_dir, copy_run):
+    """Another corpus or vocabulary in an out_dir that already has a tokenizer is refused before anything is
+    trained or written: the checkpoints there were trained with the tokenizer that is there."""
+    import phase1_text
+    from common import UserError, setup
+    d = copy_run(phase1_dir)
+    other = os.path.join(d, "other_world")
+    os.symlink(world, other)  # the same files under another path: another source as far as the out_dir knows
+    before = hashes(out_of(d))
+    args = phase1_text.parse_args(["--world_dir", other, "--out_dir", out_of(d), *TINY_P1])
+    run = setup(args)
+    with pytest.raises(UserError, match="already holds a tokenizer"):
+        phase1_text.prepare_data(args, run)
+    args = phase1_text.parse_args(["--world_dir", world, "--out_dir", out_of(d), "--vocab_size", "600", *TINY_P1])
+    with pytest.raises(UserError, match="already holds a 512-piece tokenizer"):
+        phase1_text.prepare_data(args, run)
+    assert hashes(out_of(d)) == before
+
+
+def test_resume_mismatches(world, pipeline, copy_run):
+    """Resuming past --max_steps ends at once instead of never; a longer --seq_len than the model has, or
+    other freeze flags than the run had, is one clear line; nothing is written in either case."""
+    d = copy_run(pipeline)
+    p2 = hashes(out_of(d, "phase2"))
+    p1 = sha(out_of(d, "phase1", "best.pt"))
+    past, seq, frozen = run_many([
+        ("phase1_text.py", ["--world_dir", world, "--out_dir", "out", "--resume", *TINY_P1, "--max_steps", "10"], d),
+        ("phase1_text.py", ["--world_dir", world, "--out_dir", "out", "--resume", *TINY_P1, "--seq_len=256"], d),
+        ("phase2_caption.py", ["--world_dir", world, "--out_dir", "out", "--resume", *TINY_P2, "--freeze_decoder"], d),
+    ])
+    assert_ok(past)
+    assert "resumed from" in past.stdout and f"step {P1_STEPS}" in past.stdout
+    assert_user_error(seq, "--seq_len=256", "max_seq_len=64", "--seq_len 64")
+    assert_user_error(frozen, "phase2/last.pt", "without --freeze_decoder", "resume the same way")
+    assert hashes(out_of(d, "phase2")) == p2
+    assert sha(out_of(d, "phase1", "best.pt")) == p1
+
+
+def test_phase3_bad_inputs(tmp_path, world, pipeline, copy_run):
+    d = copy_run(pipeline)
+    small = str(tmp_path / "small.npy")
+    np.save(small, np.zeros((4, 16, 16, 3), dtype=np.uint8))
+    before = hashes(out_of(d))
+    size, long = run_many([
+        ("phase3_synth.py", ["--world_dir", world, "--out_dir", "out", *TINY_P3, "--images", small], d),
+        ("phase3_synth.py", ["--world_dir", world, "--out_dir", "out", *TINY_P3, "--max_caption_tokens", "500"], d),
+    ])
+    assert_user_error(size, "16x16", "32x32", "resize")
+    assert_user_error(long, "500 caption tokens", "max_seq_len", "--max_caption_tokens")
+    assert hashes(out_of(d)) == before
+
+
+def test_generated_text_stops_at_the_context_limit():
+    """A generation limit longer than the context has room for (e.g. phase 4's --max_answer_tokens 200 on a
+    128-token model) ends at the context's end instead of failing after all the training."""
+    from eval import generate_text
+    from model import VLM, DecoderConfig, ViTConfig
+    from tokenizer import BOS
+    torch.manual_seed(0)
+    model = VLM(DecoderConfig(vocab_size=300, n_layer=1, n_head=2, d_model=16, max_seq_len=12),
+                ViTConfig(image_size=8, patch_size=4, n_layer=1, n_head=2, d_model=16, merge=1))
+
+    class Pieces:  # decode() needs only this from a tokenizer
+        def decode(self, ids):
+            return " ".join(map(str, ids))
+    images = np.zeros((3, 8, 8, 3), dtype=np.uint8)
+    out = generate_text(model, Pieces(), images, [[BOS], [BOS, 5], [BOS, 5, 6]], max_new_tokens=100)
+    assert len(out) == 3 and all(len(o.split()) <= 12 - 4 - 3 for o in out)
+
+
+def test_synthetic_rows_without_logprob():
+    from common import UserError
+    from phase3_synth import filter_synthetic
+    rows = [{"caption": "a red square ."}, {"caption": "a red square ."}, {"caption": " "}]
+    assert filter_synthetic(rows, float("-inf"), dedup=True) == rows[:1]  # no filter: logprob not needed
+    with pytest.raises(UserError, match="--min_logprob needs"):
+        filter_synthetic(rows, -1.0, dedup=False)
+
+
+def test_coco_annotation_without_caption(tmp_path, world):
+    from common import UserError
+    from data.images import load_coco
+    ann_path = make_coco(str(tmp_path / "coco"), world, 2)
+    with open(ann_path) as f:
+        ann = json.load(f)
+    del ann["annotations"][1]["caption"]
+    with open(ann_path, "w") as f:
+        json.dump(ann, f)
+    with pytest.raises(UserError, match="annotation 1 needs"):
+        load_coco(str(tmp_path / "coco"), 32, str(tmp_path / "cache"))
 
 
 # --------------------------------------------------------------------------------------------------------------------
