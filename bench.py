@@ -15,7 +15,6 @@ import resource
 import statistics
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F

@@ -207,7 +207,23 @@ def load_checkpoint(path, expect_phase=None, run_first=None):
         phases = expect_phase if isinstance(expect_phase, (list, tuple)) else [expect_phase]
         if ckpt.get("phase") not in phases:
             raise UserError(f"{path} is a {ckpt.get('phase')} checkpoint, but a {' or '.join(phases)} checkpoint is needed here")
+    check_matches_code(ckpt, path)
     return ckpt
+
+
+def check_matches_code(ckpt, path):
+    """A checkpoint written by another version of this code (other config fields or layer names) gets one line
+    instead of a traceback from load_state_dict. The model is built on the meta device: no memory, no time."""
+    from model import build_model
+    try:
+        with torch.device("meta"):
+            names = set(build_model(ckpt, load=False).state_dict())
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path} was written by another version of this code ({e})")
+    saved = set(ckpt["model"]) if isinstance(ckpt["model"], dict) else set()
+    if names != saved:
+        diff = sorted(saved - names)[:2] + sorted(names - saved)[:2]
+        raise UserError(f"{path} was written by another version of this code: its layers differ ({', '.join(diff)})")
 
 
 def check_vocab(ckpt, sp, path):
@@ -216,6 +232,20 @@ def check_vocab(ckpt, sp, path):
     if v != sp.get_piece_size():
         raise UserError(f"{path} has vocab_size {v} but tokenizer {ckpt.get('tokenizer')} has {sp.get_piece_size()} pieces; "
                         "use the tokenizer the checkpoint was trained with")
+
+
+def checkpoint_tokenizer(ckpt, path):
+    """The tokenizer a checkpoint was trained with: the tokenizer.model of the out dir the checkpoint sits in
+    (phase 1 writes it there), else the path stored in the checkpoint (relative to where training ran, so
+    tried second). Its vocabulary must be the model's."""
+    from tokenizer import load_tokenizer
+    near = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), "tokenizer.model")
+    tok = near if os.path.exists(near) else ckpt.get("tokenizer")
+    if not tok or not os.path.exists(tok):
+        raise UserError(f"no tokenizer for {path}: expected {near} (the out dir's tokenizer.model)")
+    sp = load_tokenizer(tok)
+    check_vocab(ckpt, sp, path)
+    return sp
 
 
 def make_checkpoint(model, phase, tokenizer, step, val_loss, best_val, args, optimizer=None, gens=None, **extra):

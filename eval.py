@@ -116,6 +116,7 @@ def winoground(model, sp, items, images, device="cpu"):
 @torch.no_grad()
 def generate_text(model, sp, images, prompts, max_new_tokens=40, batch_size=64, device="cpu", **kw):
     """Greedy (or sampled, via kw) continuations of prompts (lists of ids) given images -> strings."""
+    from common import UserError
     model.eval()
     out = []
     for b0 in range(0, len(prompts), batch_size):
@@ -123,6 +124,9 @@ def generate_text(model, sp, images, prompts, max_new_tokens=40, batch_size=64, 
         batch = prompts[b0:b0 + batch_size]
         # an answer can only be as long as the context has room for after the image and the prompt
         room = model.decoder.cfg.max_seq_len - model.projector.num_tokens() - max(len(p) for p in batch)
+        if room < 1:
+            raise UserError(f"a {max(len(p) for p in batch)}-token prompt after {model.projector.num_tokens()} image "
+                            f"tokens fills the model's {model.decoder.cfg.max_seq_len}-token context")
         new = model.generate(imgs, batch, min(max_new_tokens, room), eos_id=EOS, **kw)
         out += [decode(sp, ids) for ids in new]
     return out
@@ -323,20 +327,6 @@ def find_checkpoints(args):
     return rows
 
 
-def checkpoint_tokenizer(ckpt, path):
-    """The checkpoint's tokenizer; if its stored path is gone (the out dir was moved or the checkpoint was
-    made elsewhere), the tokenizer.model of the out dir the checkpoint sits in."""
-    from common import check_vocab
-    from tokenizer import load_tokenizer
-    tok = ckpt["tokenizer"]
-    if not os.path.exists(tok):
-        near = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), os.path.basename(tok))
-        tok = near if os.path.exists(near) else tok
-    sp = load_tokenizer(tok)
-    check_vocab(ckpt, sp, path)
-    return sp
-
-
 def load_blimp(path, max_per_paradigm=0):
     """Minimal pairs from a BLiMP-format .jsonl file or a folder of them (the paradigm is the row's UID,
     else the file name)."""
@@ -461,6 +451,12 @@ def evaluate_checkpoint(model, sp, data, args, device, coco_cache, log=print):
         clock("bpb")
         log(f"  world minimal pairs {fmt_metric(m['world_mp'])} / held-out {fmt_metric(m['world_mp_heldout'])}, "
             f"bpb {fmt_metric(m['bpb'])} / held-out {fmt_metric(m['bpb_heldout'])}")
+    world_size = data["cap_images"].shape[1] if len(data.get("cap_images", ())) else None
+    if isinstance(model, VLM) and world_size and world_size != model.vit.cfg.image_size:
+        # e.g. a phase 2 trained on COCO at --image_size 64: the world's benchmarks do not apply
+        log(f"  world vision benchmarks skipped: the model's ViT takes {model.vit.cfg.image_size}px images, "
+            f"the world's are {world_size}px")
+        data = {k: v for k, v in data.items() if k not in ("wino", "cap_images", "vqa")}
     if isinstance(model, VLM):
         P = model.projector.num_tokens()
         max_new = max(1, min(40, model.decoder.cfg.max_seq_len - P - 1))
@@ -603,7 +599,7 @@ def main(argv=None):
     import json
     import time
     from types import SimpleNamespace
-    from common import load_checkpoint, setup
+    from common import checkpoint_tokenizer, load_checkpoint, setup
     from model import build_model
     args = parse_args(argv)
     log = (lambda *a: None) if args.quiet else print

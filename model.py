@@ -362,6 +362,8 @@ class Decoder(nn.Module):
                 idx[b, L - len(p):] = torch.tensor(p, device=device)
         S0 = P + L  # columns before the first new token
         total = S0 + max_new_tokens
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 0")
         if total > self.cfg.max_seq_len:
             raise ValueError(f"prompt + prefix + max_new_tokens = {total} exceeds max_seq_len={self.cfg.max_seq_len}")
         # prefix goes after the pads: build the full prefix-region embeddings row by row
@@ -437,7 +439,7 @@ def sample(logits, temperature=0.0, top_k=None, generator=None):
     if temperature <= 0:
         return logits.argmax(dim=-1)
     logits = logits / temperature
-    if top_k is not None and top_k < logits.size(-1):
+    if top_k is not None and 0 < top_k < logits.size(-1):  # 0 (or None) = no cut
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = F.softmax(logits, dim=-1)
@@ -591,14 +593,16 @@ class VLM(nn.Module):
 # -----------------------------------------------------------------------------
 # Checkpoint helpers: a checkpoint stores plain dicts, so rebuild the model from them
 
-def build_model(ckpt):
-    """Rebuild a Decoder or VLM from a checkpoint dict (as loaded with weights_only=True)."""
+def build_model(ckpt, load=True):
+    """Rebuild a Decoder or VLM from a checkpoint dict (as loaded with weights_only=True); load=False
+    leaves the fresh weights (e.g. to build on the meta device and only compare parameter names)."""
     dec_cfg = DecoderConfig(**ckpt["decoder_config"])
     if ckpt.get("vit_config"):
         model = VLM(dec_cfg, ViTConfig(**ckpt["vit_config"]))
     else:
         model = Decoder(dec_cfg)
-    model.load_state_dict(ckpt["model"])
+    if load:
+        model.load_state_dict(ckpt["model"])
     return model
 
 

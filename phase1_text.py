@@ -16,14 +16,13 @@ import hashlib
 import json
 import os
 import sys
-import time
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from common import (UserError, add_run_args, check_finite, check_range, cleanup, cli, fmt_speed,
-                    load_checkpoint, lr_at, make_checkpoint, make_optimizer, Meter, rng_state, save_checkpoint, set_lr,
+                    load_checkpoint, lr_at, make_checkpoint, make_optimizer, Meter, save_checkpoint, set_lr,
                     set_rng_state, setup, StopFlag, wrap_model, all_reduce_mean)
 from data.text import read_babylm_folder, read_lines, tokenize_lines, unigram_entropy
 from model import Decoder, DecoderConfig

@@ -21,13 +21,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (UserError, add_run_args, all_reduce_mean, check_finite, check_range, check_vocab, cleanup, cli,
+from common import (UserError, add_run_args, all_reduce_mean, check_finite, check_range, checkpoint_tokenizer, cleanup, cli,
                     fmt_speed, load_checkpoint, lr_at, make_checkpoint, make_optimizer, Meter, save_checkpoint, set_lr,
                     set_rng_state, setup, StopFlag, wrap_model)
 from data.images import load_coco, load_world_split, split_indices
 from eval import bleu4, caption_images, caption_scores
 from model import VLM, DecoderConfig, ViTConfig, build_model
-from tokenizer import BOS, EOS, PAD, load_tokenizer
+from tokenizer import BOS, EOS, PAD
 
 PHASE = "phase2"
 
@@ -178,8 +178,7 @@ def main(argv=None):
 
     # ---- the phase 1 model and its tokenizer
     prev = load_checkpoint(prev_path, "phase1", run_first="python phase1_text.py")
-    sp = load_tokenizer(prev["tokenizer"])
-    check_vocab(prev, sp, prev_path)
+    sp = checkpoint_tokenizer(prev, prev_path)
     data = load_caption_data(args, sp)
     train, val = data["train"], data["val"]
     image_size = train.images.shape[1]

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 import phase1_text
-from common import (UserError, add_run_args, all_reduce_mean, check_finite, check_range, check_vocab, cleanup, cli, fmt_speed,
+from common import (UserError, add_run_args, all_reduce_mean, check_finite, check_range, checkpoint_tokenizer, cleanup, cli, fmt_speed,
                     load_checkpoint, lr_at, make_checkpoint, make_optimizer, Meter, read_jsonl, save_checkpoint,
                     set_lr, set_rng_state, setup, StopFlag, wrap_model)
 from data.images import load_world_split
@@ -178,7 +178,7 @@ def main(argv=None):
                            run_first=f"python {'phase2_caption' if args.init == 'phase2' else args.init}.py")
     if not prev.get("vit_config"):
         raise UserError(f"{init_path} has no vision tower; phase 3 starts from a phase 2 checkpoint")
-    sp = load_tokenizer_for(prev, init_path)
+    sp = checkpoint_tokenizer(prev, init_path)
     p1 = load_checkpoint(os.path.join(args.out_dir, "phase1", "best.pt"), "phase1", run_first="python phase1_text.py")
     p1_args = SimpleNamespace(**p1["args"])
     _, _, real_train, real_val = phase1_text.prepare_data(p1_args, run)
@@ -302,13 +302,6 @@ def main(argv=None):
         with open(os.path.join(out, "results.json"), "w") as f:
             json.dump(result, f, indent=1)
     cleanup(run)
-
-
-def load_tokenizer_for(ckpt, path):
-    from tokenizer import load_tokenizer
-    sp = load_tokenizer(ckpt["tokenizer"])
-    check_vocab(ckpt, sp, path)
-    return sp
 
 
 def load_unlabeled(args):

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (UserError, add_run_args, all_reduce_mean, check_finite, check_range, check_vocab, cleanup, cli,
+from common import (UserError, add_run_args, all_reduce_mean, check_finite, check_range, checkpoint_tokenizer, cleanup, cli,
                     fmt_speed, load_checkpoint, lr_at, make_checkpoint, make_optimizer, Meter, save_checkpoint, set_lr,
                     set_rng_state, setup, StopFlag, wrap_model)
 from data.images import split_indices
@@ -37,7 +37,7 @@ from data.vqa import (answers_by_type, load_vqav2, load_world_vqa, split_by_imag
                       world_candidates)
 from eval import vqa_accuracy, vqa_answer_ids, vqa_generate, vqa_prompt, vqa_rank
 from model import VLM, build_model
-from tokenizer import PAD, load_tokenizer
+from tokenizer import PAD
 
 PHASE = "phase4"
 # --init: folder under out_dir -> (the phase its best.pt holds, the command that makes it)
@@ -232,8 +232,7 @@ def main(argv=None):
         src, src_path = load_checkpoint(prev_path, phase, run_first=command), prev_path
     if not src.get("vit_config"):
         raise UserError(f"{src_path} holds no vision model; phase 4 needs a phase 2 or phase 3 VLM")
-    sp = load_tokenizer(src["tokenizer"])
-    check_vocab(src, sp, src_path)
+    sp = checkpoint_tokenizer(src, src_path)
     model = build_model(src).to(run.device)
     assert isinstance(model, VLM)
     P = model.projector.num_tokens()

@@ -39,13 +39,18 @@ def find_coco_files(coco_dir):
                    glob.glob(os.path.join(coco_dir, "annotations", "captions_*.json")))
     if not jsons:
         raise UserError(f"no captions_*.json in {coco_dir} (or its annotations/ folder)")
-    ann = jsons[0]
-    split = os.path.basename(ann)[len("captions_"):-len(".json")]  # e.g. train2017
-    for cand in (split, "images", "."):
-        folder = os.path.join(coco_dir, cand)
-        if os.path.isdir(folder) and any(f.lower().endswith((".jpg", ".jpeg", ".png")) for f in os.listdir(folder)):
-            return ann, folder
-    raise UserError(f"no image folder with .jpg/.png files found in {coco_dir} (looked for {split}/, images/)")
+    # the official annotations zip holds both captions_train2017.json and captions_val2017.json: use the
+    # first whose split folder (train2017/, val2017/) has images, else one shared images/ folder or the top
+    def has_images(folder):
+        return os.path.isdir(folder) and any(f.lower().endswith((".jpg", ".jpeg", ".png")) for f in os.listdir(folder))
+    splits = [os.path.basename(a)[len("captions_"):-len(".json")] for a in jsons]  # e.g. train2017
+    for ann, split in zip(jsons, splits):
+        if has_images(os.path.join(coco_dir, split)):
+            return ann, os.path.join(coco_dir, split)
+    for cand in ("images", "."):
+        if has_images(os.path.join(coco_dir, cand)):
+            return jsons[0], os.path.join(coco_dir, cand)
+    raise UserError(f"no image folder with .jpg/.png files found in {coco_dir} (looked for {', '.join(splits)}, images/)")
 
 
 def center_square(img, size):
@@ -57,7 +62,8 @@ def center_square(img, size):
 
 
 def load_coco(coco_dir, size, cache_dir):
-    """All captioned images of a COCO-format folder, resized to size x size, cached as .npy."""
+    """All captioned images of a COCO-format folder, resized to size x size, cached as .npy (rebuilt once a
+    file that was missing when it was made appears)."""
     ann_path, img_dir = find_coco_files(coco_dir)
     ann = read_json(ann_path)
     if not isinstance(ann, dict) or "images" not in ann or "annotations" not in ann:
@@ -76,11 +82,16 @@ def load_coco(coco_dir, size, cache_dir):
     meta = cache[:-4] + ".json"
     if os.path.exists(cache) and os.path.exists(meta):
         with open(meta) as f:
-            rows = json.load(f)
-        return np.load(cache, mmap_mode="r"), rows
-    images, rows, bad = [], [], []
+            saved = json.load(f)
+        rows, missing = (saved, []) if isinstance(saved, list) else (saved["rows"], saved["missing"])
+        # the cache stands, unless a file that was missing when it was made is there now
+        if not any(os.path.exists(os.path.join(img_dir, name)) for name in missing):
+            return np.load(cache, mmap_mode="r"), rows
+    images, rows, bad, missing = [], [], [], []
     for im in entries:
         path = os.path.join(img_dir, im["file_name"])
+        if not os.path.exists(path):
+            missing.append(im["file_name"])
         try:
             with Image.open(path) as img:
                 images.append(center_square(img, size))
@@ -97,7 +108,7 @@ def load_coco(coco_dir, size, cache_dir):
     np.save(cache[:-4] + ".tmp.npy", arr)
     os.replace(cache[:-4] + ".tmp.npy", cache)
     with open(meta, "w") as f:
-        json.dump(rows, f)
+        json.dump({"rows": rows, "missing": missing}, f)
     return np.load(cache, mmap_mode="r"), rows
 
 

@@ -115,24 +115,30 @@ def _read_vqav2(questions_path, annotations_path):
 
 def load_vqav2(questions_path, annotations_path, images_dir, size, cache_dir, pattern=""):
     """VQAv2-format questions + annotations + image folder -> (uint8 (N, size, size, 3), records).
-    Images are decoded once and cached as cache_dir/vqa_<key>.npy (+ .json listing the image ids)."""
+    Images are decoded once and cached as cache_dir/vqa_<key>.npy (+ .json: the ids kept, and the ids that had
+    no file, so the cache is rebuilt once any of those appear)."""
     items = _read_vqav2(questions_path, annotations_path)
     ids = sorted({it["image_id"] for it in items})
     key = hashlib.sha1(f"{os.path.abspath(questions_path)}|{os.path.abspath(annotations_path)}|"
                        f"{os.path.abspath(images_dir)}|{pattern}|{size}|{len(ids)}".encode()).hexdigest()[:10]
     cache = os.path.join(cache_dir, f"vqa_{key}.npy")
     meta = cache[:-4] + ".json"
+    images = None
     if os.path.exists(cache) and os.path.exists(meta):
         with open(meta) as f:
-            kept = json.load(f)
-        images = np.load(cache, mmap_mode="r")
-    else:
+            saved = json.load(f)
+        kept, missing = (saved, []) if isinstance(saved, list) else (saved["kept"], saved["missing"])
+        # the cache stands, unless an image that had no file when it was made has one now
+        if not (missing and os.path.isdir(images_dir) and find_images(images_dir, missing, pattern)):
+            images = np.load(cache, mmap_mode="r")
+    if images is None:
         paths = find_images(images_dir, ids, pattern)
-        arrs, kept, bad = [], [], []
+        arrs, kept, bad, missing = [], [], [], []
         for i in ids:
             path = paths.get(i)
             if path is None:
                 bad.append(f"image_id {i} (no file)")
+                missing.append(i)
                 continue
             try:
                 with Image.open(path) as img:
@@ -150,7 +156,7 @@ def load_vqav2(questions_path, annotations_path, images_dir, size, cache_dir, pa
         np.save(cache[:-4] + ".tmp.npy", np.stack(arrs))
         os.replace(cache[:-4] + ".tmp.npy", cache)
         with open(meta, "w") as f:
-            json.dump(kept, f)
+            json.dump({"kept": kept, "missing": missing}, f)
         images = np.load(cache, mmap_mode="r")
     row_of = {i: r for r, i in enumerate(kept)}
     rows = [dict(it, image=row_of[it["image_id"]]) for it in items if it["image_id"] in row_of]

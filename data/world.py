@@ -15,7 +15,6 @@ import math
 import os
 import random
 import re
-import sys
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont

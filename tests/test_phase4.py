@@ -180,6 +180,10 @@ def test_vqav2_loader(tmp_path, world, capsys):
     # no readable image at all -> one-line error
     with pytest.raises(UserError, match="none of the"):
         V.load_vqav2(qp, ap, folder, 32, str(tmp_path / "cache2"))
+    # an image that had no file when the cache was made is read once it is there (the cache is rebuilt)
+    Image.fromarray(src[3]).save(os.path.join(folder, f"COCO_train2014_{5:012d}.jpg"))
+    images3, rows3 = V.load_vqav2(qp, ap, folder, 32, cache)
+    assert len(images3) == 1 and [r["question"] for r in rows3] == ["where is it ?"]
 
 
 def test_vqav2_pattern_and_bad_files(tmp_path, world):

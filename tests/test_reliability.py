@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (P1_STEPS, P2_STEPS, ROOT, TIMEOUT, TINY_P1, TINY_P2, assert_ok, assert_user_error, hashes,
+from conftest import (P1_STEPS, P2_STEPS, TIMEOUT, TINY_P1, TINY_P2, assert_ok, assert_user_error, hashes,
                       load, run_many, run_script, script_cmd, script_env, sha, tensors)
 
 TINY_P3 = ["--batch_size", "8", "--seq_len", "32", "--max_steps", "2", "--n_images", "16", "--gen_batch", "16",
@@ -373,6 +373,82 @@ def test_coco_annotation_without_caption(tmp_path, world):
         json.dump(ann, f)
     with pytest.raises(UserError, match="annotation 1 needs"):
         load_coco(str(tmp_path / "coco"), 32, str(tmp_path / "cache"))
+
+
+def test_checkpoint_from_another_version_of_the_code(tmp_path, phase1_dir):
+    from common import UserError, load_checkpoint
+    ck = load(out_of(phase1_dir, "phase1", "best.pt"))
+    extra_layer = dict(ck, model=dict(ck["model"], **{"_orig_mod.extra": torch.zeros(1)}))
+    extra_field = dict(ck, decoder_config=dict(ck["decoder_config"], n_experts=4))
+    missing = dict(ck, model={k: v for k, v in ck["model"].items() if k != "norm.weight"})
+    for name, bad, needle in [("layer", extra_layer, "_orig_mod.extra"), ("field", extra_field, "n_experts"),
+                              ("missing", missing, "norm.weight")]:
+        path = str(tmp_path / f"{name}.pt")
+        torch.save(bad, path)
+        with pytest.raises(UserError, match=f"another version of this code.*{needle}"):
+            load_checkpoint(path)
+    load_checkpoint(out_of(phase1_dir, "phase1", "best.pt"))  # the real one passes
+
+
+def test_a_checkpoint_uses_its_own_out_dirs_tokenizer(tmp_path, monkeypatch, phase1_dir, copy_run):
+    """The stored tokenizer path is relative to where training ran: a moved out dir must not pick up
+    whatever out/tokenizer.model the current directory happens to have."""
+    import tokenizer
+    from common import checkpoint_tokenizer
+    d = copy_run(phase1_dir)
+    moved = str(tmp_path / "backup")
+    shutil.move(out_of(d), moved)
+    decoy = tmp_path / "elsewhere" / "out"
+    decoy.mkdir(parents=True)
+    shutil.copy(os.path.join(moved, "tokenizer.model"), decoy / "tokenizer.model")
+    monkeypatch.chdir(decoy.parent)  # the checkpoint's stored path, out/tokenizer.model, exists here too
+    loaded = []
+    real = tokenizer.load_tokenizer
+    monkeypatch.setattr(tokenizer, "load_tokenizer", lambda p: loaded.append(p) or real(p))
+    path = os.path.join(moved, "phase1", "best.pt")
+    checkpoint_tokenizer(load(path), path)
+    assert loaded == [os.path.join(moved, "tokenizer.model")]
+
+
+def test_coco_with_both_official_caption_files_and_only_val_images(tmp_path, world):
+    from data.images import find_coco_files
+    root = str(tmp_path / "coco")
+    ann = make_coco(root, world, 2)
+    os.rename(os.path.join(root, "train2017"), os.path.join(root, "val2017"))  # only val2017 images downloaded
+    shutil.copy(ann, ann.replace("train2017", "val2017"))
+    assert find_coco_files(root) == (ann.replace("train2017", "val2017"), os.path.join(root, "val2017"))
+
+
+def test_coco_images_added_after_a_run_are_read_next_time(tmp_path, world):
+    from data.images import load_coco
+    from PIL import Image
+    root, cache = str(tmp_path / "coco"), str(tmp_path / "cache")
+    make_coco(root, world, 3)
+    first = os.path.join(root, "train2017", f"{1:012d}.jpg")
+    os.remove(first)  # not downloaded yet
+    images, rows = load_coco(root, 32, cache)
+    assert len(images) == len(rows) == 2
+    assert load_coco(root, 32, cache)[0].shape == images.shape  # cached while it is still missing
+    Image.fromarray(np.zeros((40, 48, 3), dtype=np.uint8)).save(os.path.join(root, "train2017", f"{1:012d}.jpg"))
+    images, rows = load_coco(root, 32, cache)
+    assert len(images) == len(rows) == 3
+    assert load_coco(root, 32, cache)[0].shape == images.shape  # and now it is cached
+
+
+def test_eval_skips_world_vision_benchmarks_for_another_image_size(world):
+    """A VLM trained on COCO at 64px cannot be shown the world's 32px images: those benchmarks are n/a."""
+    from types import SimpleNamespace
+    import eval as E
+    from model import VLM, DecoderConfig, ViTConfig
+    model = VLM(DecoderConfig(vocab_size=300, n_layer=1, n_head=2, d_model=16, max_seq_len=64),
+                ViTConfig(image_size=64, patch_size=8, n_layer=1, n_head=2, d_model=16, merge=2)).eval()
+    data = {"cap_images": np.zeros((2, 32, 32, 3), dtype=np.uint8), "cap_scenes": [{}, {}],
+            "wino": [{}], "wino_images": np.zeros((2, 32, 32, 3), dtype=np.uint8),
+            "vqa": [{"question": "what ?", "answer": "red"}], "vqa_images": np.zeros((1, 32, 32, 3), dtype=np.uint8)}
+    lines = []
+    m, _ = E.evaluate_checkpoint(model, None, data, SimpleNamespace(batch_size=8, coco_dir=""), "cpu", {}, log=lines.append)
+    assert m["caption_exact"] is None and m["wino_text"] is None and m["vqa"] is None
+    assert any("skipped" in l and "64px" in l and "32px" in l for l in lines)
 
 
 # --------------------------------------------------------------------------------------------------------------------
