@@ -295,6 +295,12 @@ class StopFlag:
         self.stop = True
         self.signum = signum
 
+    def agreed(self, run):
+        """Stop now? Under DDP every rank must stop after the same step, or the first to leave takes the others'
+        next collective down with it (gloo: a crash before they save; NCCL: a hang): stop if any rank got the
+        signal. That is one scalar all-reduce per step, only under DDP."""
+        return all_reduce_mean(float(self.stop), run) > 0 if run.ddp else self.stop
+
 
 def check_finite(loss_value, step, out_path, what="loss"):
     """Call before anything from this step is saved, so a NaN/inf never reaches a checkpoint."""

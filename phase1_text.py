@@ -289,7 +289,7 @@ def main(argv=None):
         if run.master and step % args.log_interval == 0:
             lr = optimizer.param_groups[0]["lr"]
             tqdm.write(f"step {step} | loss {loss_value:.4f} | lr {lr:.2e} | {fmt_speed(meter.report())}")
-        if stop.stop:
+        if stop.agreed(run):
             if run.master:
                 check_finite(loss.item(), step, out)  # NaN weights are the same on every rank
                 save_checkpoint(checkpoint(val_loss, True), last_path)

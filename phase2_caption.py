@@ -303,7 +303,7 @@ def main(argv=None):
         if run.master and step % args.log_interval == 0:
             tqdm.write(f"step {step} | loss {loss_value:.4f}{replay} | lr {optimizer.param_groups[0]['lr']:.2e} | "
                        f"{fmt_speed(meter.report())}")
-        if stop.stop:
+        if stop.agreed(run):
             if run.master:
                 save_checkpoint(checkpoint(val_loss, True), last_path)
                 tqdm.write(f"interrupted: saved {last_path} at step {step}; continue with --resume")

@@ -71,6 +71,9 @@ def parse_args(argv=None):
                      ("eval_interval", 1), ("eval_iters", 1), ("log_interval", 1)]:
         check_range(name, getattr(args, name), lo=lo)
     check_range("synthetic_frac", args.synthetic_frac, lo=0, hi=1)
+    if args.synthetic_frac > 0 and round(args.synthetic_frac * args.batch_size) == 0:  # rows per batch are exact
+        raise UserError(f"--synthetic_frac={args.synthetic_frac} of --batch_size={args.batch_size} rounds to 0 synthetic "
+                        "rows per batch: that is the control run; raise either, or use --synthetic_frac 0")
     check_range("temperature", args.temperature, lo=0)
     check_range("lr", args.lr, lo=0, lo_open=True)
     check_range("min_lr_frac", args.min_lr_frac, lo=0, hi=1)
@@ -283,7 +286,7 @@ def main(argv=None):
         pbar.update(1)
         if run.master and step % args.log_interval == 0:
             tqdm.write(f"step {step} | loss {loss_value:.4f} | lr {optimizer.param_groups[0]['lr']:.2e} | {fmt_speed(meter.report())}")
-        if stop.stop:
+        if stop.agreed(run):
             if run.master:
                 save_checkpoint(checkpoint(val_loss, True), last_path)
                 tqdm.write(f"interrupted: saved {last_path} at step {step}; continue with --resume")

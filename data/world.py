@@ -813,6 +813,22 @@ def check_caption(scene, text):
     return bool(claims) and all(claim_true(scene, c) for c in claims)
 
 
+def _max_matching(slots):
+    """Largest matching of slots (each a list of object indices it may take) to distinct objects
+    (augmenting paths; a scene has at most a handful of objects)."""
+    owner = {}  # object index -> slot
+
+    def take(s, seen):
+        for o in slots[s]:
+            if o not in seen:
+                seen.add(o)
+                if o not in owner or take(owner[o], seen):
+                    owner[o] = s
+                    return True
+        return False
+    return sum(take(s, set()) for s in range(len(slots)))
+
+
 def caption_quality(scene, text):
     """How good a (model's) caption is, beyond being true:
     correct: it parses and every claim is true (check_caption);
@@ -822,7 +838,7 @@ def caption_quality(scene, text):
         canonical full description does)."""
     claims = _parse(text)
     correct = bool(claims) and all(claim_true(scene, c) for c in claims)
-    named = 0
+    slots = []  # one per object a positive claim names by colour and shape: the objects it may be
     for c in claims or []:
         desc = dict(c["np"]["desc"])
         for p in c["preds"]:
@@ -830,7 +846,11 @@ def caption_quality(scene, text):
                 desc.update({k: v for k, v in p["desc"].items() if k in ("size", "color", "shape", "pos")})
         op, k = c["np"]["quant"]
         if "color" in desc and "shape" in desc and k >= 1:
-            named += k
+            fits = [i for i, o in enumerate(scene["objects"]) if o in
+                    _matching(scene, **{a: v for a, v in desc.items() if a in ("size", "color", "shape", "pos")})]
+            slots += [fits] * k
+    # objects named = the most claims matched to DIFFERENT objects: "a red circle ... and a red circle" names one
+    named = _max_matching(slots)
     n = len(scene["objects"])
     counted = any(not c["np"]["desc"] and not c["preds"] and c["np"]["quant"] == ("eq", n) for c in claims or [])
     informative = correct and named >= 1

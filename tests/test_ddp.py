@@ -79,3 +79,28 @@ def test_two_process_ddp_matches_one_process_in_phases_2_and_4(tmp_path, world, 
     assert r1.returncode == 0, show(r1)
     assert r2.returncode == 0 and "device cpu x2" in r2.stdout, show(r2)
     _same_run(two, r2.stdout, one, r1.stdout, "phase4", steps)
+
+
+def _stop_worker(rank, init_file, results):
+    import signal
+    from types import SimpleNamespace
+    import torch.distributed as dist
+    from common import StopFlag
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    run = SimpleNamespace(ddp=True, device="cpu", world_size=2)
+    stop = StopFlag()
+    seen = [stop.agreed(run)]  # nobody signalled yet
+    if rank == 1:
+        signal.raise_signal(signal.SIGTERM)  # only rank 1 gets it, as when one node is told first
+    seen.append(stop.agreed(run))
+    results[rank] = seen
+    dist.destroy_process_group()
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """Each rank reading only its own flag let one rank leave while the other went on into a collective
+    alone and crashed (gloo) or hung (NCCL) before saving its checkpoint."""
+    import torch.multiprocessing as mp
+    results = mp.Manager().dict()
+    mp.spawn(_stop_worker, args=(str(tmp_path / "init"), results), nprocs=2)
+    assert dict(results) == {0: [False, True], 1: [False, True]}

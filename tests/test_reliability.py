@@ -276,7 +276,8 @@ def test_out_of_range_values_in_process():
              (phase2_caption, ["--text_frac", "0.7"]), (phase4_vqa, ["--text_frac", "0.7"]),
              (phase2_caption, ["--weight_decay", "-1"]), (phase2_caption, ["--grad_clip", "-5"]),
              (phase3_synth, ["--weight_decay", "-1"]), (phase3_synth, ["--grad_clip", "-5"]),
-             (phase2_caption, ["--patch_size", "1"]), (phase2_caption, ["--patch_size", "3"])]
+             (phase2_caption, ["--patch_size", "1"]), (phase2_caption, ["--patch_size", "3"]),
+             (phase3_synth, ["--synthetic_frac", "0.01"])]  # 0.01 x 32 rows rounds to no synthetic row
     for mod, argv in cases:
         with pytest.raises(UserError, match=re.escape(argv[0])):
             mod.parse_args(argv)

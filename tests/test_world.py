@@ -236,6 +236,17 @@ def test_check_caption_rejects_false_or_garbage(text):
     assert not W.check_caption(SCENE, text)
 
 
+def test_caption_quality_counts_distinct_objects():
+    """A repeated object names one object, not two: "complete" needs every object named by a different claim."""
+    full = "three objects : a big red circle on the left , a small orange star at the top and a small blue square on the right ."
+    repeat = ("three objects : a big red circle on the left , a big red circle on the left and a small blue square "
+              "on the right .")
+    assert W.caption_quality(SCENE, full) == {"correct": True, "informative": True, "complete": True}
+    assert W.caption_quality(SCENE, repeat) == {"correct": True, "informative": True, "complete": False}
+    assert not W.caption_quality(SCENE, "there are three objects . the red circle is big . the red circle is on the "
+                                        "left . the blue square is small .")["complete"]
+
+
 def test_parse_claims():
     assert W.parse_claims("gibberish words .") == []
     assert len(W.parse_claims("two objects : a red circle and a blue square .")) == 3
