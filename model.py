@@ -587,7 +587,9 @@ class VLM(nn.Module):
         """Training FLOPs for one image + text_len tokens (ViT + projector + decoder)."""
         P = self.projector.num_tokens()
         proj = 6 * P * sum(p.numel() for p in self.projector.parameters())
-        return self.vit.flops_per_image() + proj + (P + text_len) * self.decoder.flops_per_token(P + text_len)
+        head = 6 * self.decoder.cfg.d_model * self.decoder.cfg.vocab_size  # image positions get no logits
+        return (self.vit.flops_per_image() + proj + (P + text_len) * self.decoder.flops_per_token(P + text_len)
+                - P * head)
 
 
 # -----------------------------------------------------------------------------

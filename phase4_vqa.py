@@ -57,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--vqa_images", default="", help="folder of the images the questions ask about")
     p.add_argument("--vqa_image_pattern", default="",
                    help="e.g. 'COCO_train2014_{image_id:012d}.jpg'; empty = find files by the digits in their names")
-    p.add_argument("--vqa_val_frac", type=float, default=0.1, help="VQAv2: fraction of images held out for val/test")
+    p.add_argument("--vqa_val_frac", type=float, default=0.1, help="VQAv2: fraction of images held out, half for val and half for test")
     # optimisation
     p.add_argument("--text_frac", type=float, default=0.1,
                    help="fraction of steps that replay phase 1 text, so answering questions does not erase language")
@@ -120,12 +120,14 @@ def load_vqa_data(args, sp, image_size, max_len):
     if args.vqa_questions:
         images, rows = load_vqav2(args.vqa_questions, args.vqa_annotations, args.vqa_images, image_size,
                                   os.path.join(args.out_dir, "cache"), args.vqa_image_pattern)
-        if len(images) < 2:
-            raise UserError(f"{args.vqa_images} has {len(images)} usable image(s); need at least 2 (train + val)")
-        _, va = split_indices(len(images), args.vqa_val_frac)
-        tr_rows, va_rows = split_by_image(rows, va)
+        if len(images) < 3:
+            raise UserError(f"{args.vqa_images} has {len(images)} usable image(s); need at least 3 (train, val, test)")
+        # held-out images, half for val (picks best.pt) and half for test (reported): no image in two splits
+        _, held = split_indices(len(images), max(args.vqa_val_frac, 2 / len(images)))
+        tr_rows, held_rows = split_by_image(rows, held)
+        te_rows, va_rows = split_by_image(held_rows, held[::2])
         data = {"train": pack_split(images, tr_rows), "val": pack_split(images, va_rows),
-                "test": pack_split(images, va_rows)}
+                "test": pack_split(images, te_rows)}
     else:
         from data.world import ensure_built
         ensure_built(args.world_dir)

@@ -11,26 +11,29 @@ like the paper we cut them into utterances/sentences, drop very short ones and t
 import glob
 import os
 import re
+import sys
 
 import numpy as np
 
 from common import UserError
 
-# CHILDES '*CHI:' speaker tags and '%com:' comment tiers, switchboard 'A:\t' turns
-SPEAKER = re.compile(r"(?m)\*[A-Z]{2,4}:\s*|%[a-z]{2,4}:[^*]*|^[A-Z]{1,3}:\t")
+# CHILDES '*CHI:' / '*PAR1:' / '*A:' speaker tags and '%com:' comment tiers, switchboard 'A:\t' turns
+SPEAKER = re.compile(r"(?m)\*[A-Z][A-Z0-9]{0,3}:\s*|%[a-z]{2,4}:[^*]*|^[A-Z]{1,3}:\t")
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 def split_utterances(text, min_words=3, max_words=64):
-    """Cut raw text into utterances: at speaker tags and newlines, then at sentence ends."""
+    """Cut raw text into utterances: at speaker tags and newlines, then at sentence ends; a "sentence" longer
+    than max_words (a transcript without punctuation) is cut into max_words pieces, none of it dropped."""
     out = []
     for chunk in SPEAKER.split(text):
         for line in chunk.split("\n"):
             for sent in SENTENCE_END.split(line):
                 words = sent.split()
-                if len(words) < min_words:
-                    continue  # "ah .", "okay ." carry almost nothing to learn from
-                out.append(" ".join(words[:max_words]))
+                for i in range(0, len(words), max_words):
+                    piece = words[i:i + max_words]
+                    if len(piece) >= min_words:  # "ah .", "okay ." carry almost nothing to learn from
+                        out.append(" ".join(piece))
     return out
 
 
@@ -54,6 +57,13 @@ def read_babylm_folder(folder, val_frac=0.02):
         train_lines += lines
     for f in dev:
         val_lines += split_utterances(read_text(f))
+    if dev:  # a dev file may repeat training text (the shared sample's childes_dev.train is childes.train's tail)
+        seen = set(train_lines)
+        kept = [l for l in val_lines if l not in seen]
+        if len(kept) < len(val_lines):
+            print(f"warning: dropped {len(val_lines) - len(kept):,} of {len(val_lines):,} validation utterances that "
+                  "are also in the training files", file=sys.stderr)
+        val_lines = kept
     if not train_lines or not val_lines:
         raise UserError(f"{folder} has no usable text (every utterance shorter than 3 words?)")
     return train_lines, val_lines

@@ -242,3 +242,17 @@ def test_onednn_linear_matches_f_linear_forward_and_backward(bias):
         gx.sum().backward()
     # a few rows (batch-1 decoding) stay on F.linear: oneDNN's fixed cost per call would dominate
     assert "OneDNN" not in type(lin(torch.randn(2, 5, 48, requires_grad=True)).grad_fn.next_functions[0][0]).__name__
+
+
+def test_vlm_flops_count_the_output_layer_for_text_positions_only():
+    """Image positions are dropped before the LM head (they predict nothing), so they must not pay for it."""
+    m = VLM(DecoderConfig(vocab_size=4096, n_layer=2, n_head=2, d_model=32, max_seq_len=64),
+            ViTConfig(image_size=16, patch_size=4, n_layer=1, n_head=2, d_model=32, merge=2))
+    dec, P, T = m.decoder, m.projector.num_tokens(), 10
+    body = sum(p.numel() for n, p in dec.blocks.named_parameters() if p.dim() == 2)  # the blocks' matmuls
+    attn = 12 * dec.cfg.n_layer * dec.cfg.d_model * (P + T)
+    head = 6 * dec.cfg.d_model * dec.cfg.vocab_size
+    proj = 6 * P * sum(p.numel() for p in m.projector.parameters())
+    want = m.vit.flops_per_image() + proj + (P + T) * (6 * body + attn) + T * head
+    norms = 6 * (P + T) * sum(p.numel() for n, p in dec.named_parameters() if p.dim() == 1)  # counted as params
+    assert m.flops_per_sample(T) == want + norms

@@ -186,6 +186,17 @@ def test_vqav2_loader(tmp_path, world, capsys):
     assert len(images3) == 1 and [r["question"] for r in rows3] == ["where is it ?"]
 
 
+def test_vqav2_val_and_test_are_different_images(tmp_path, world):
+    """best.pt is picked on val: the reported test questions must come from other held-out images."""
+    qp, ap, folder, _, _ = _fixture(tmp_path, world["dir"])
+    args = SimpleNamespace(vqa_questions=qp, vqa_annotations=ap, vqa_images=folder, vqa_image_pattern="",
+                           vqa_val_frac=0.1, max_answer_tokens=8, out_dir=str(tmp_path / "out"))
+    data, _ = P4.load_vqa_data(args, world["sp"], 32, 100)
+    imgs = {s: {r["image_id"] for r in data[s].rows} for s in ("train", "val", "test")}
+    assert all(imgs[s] for s in imgs)  # 3 usable images: one for each split
+    assert not (imgs["train"] & imgs["val"]) and not (imgs["train"] & imgs["test"]) and not (imgs["val"] & imgs["test"])
+
+
 def test_vqav2_pattern_and_bad_files(tmp_path, world):
     qp, ap, folder, _, _ = _fixture(tmp_path, world["dir"])
     images, rows = V.load_vqav2(qp, ap, folder, 16, str(tmp_path / "c"), pattern="COCO_train2014_{image_id:012d}.jpg")

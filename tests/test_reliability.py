@@ -166,6 +166,21 @@ def test_unusable_data_folders_in_process(tmp_path):
         find_coco_files(str(tmp_path / "coco"))
 
 
+def test_babylm_text_splitting(tmp_path):
+    """Every CHILDES speaker tag is cut (digits and one-letter tags too), a long unpunctuated transcript is
+    cut into pieces instead of losing its tail, and dev utterances that repeat training text are dropped."""
+    from data.text import read_babylm_folder, split_utterances
+    assert split_utterances("*PAR1:\twhere is the ball ?\n*A:\tthere it is .") == ["where is the ball ?", "there it is ."]
+    words = [f"w{i}" for i in range(130)]
+    assert [len(u.split()) for u in split_utterances(" ".join(words))] == [64, 64]  # the last 2 words: too short
+    folder = tmp_path / "babylm"
+    folder.mkdir()
+    (folder / "childes.train").write_text("*MOT:\tshall we read a book ?\n*CHI:\tthe big red book .\n")
+    (folder / "childes_dev.train").write_text("*CHI:\tthe big red book .\n*MOT:\twhat a nice story .\n")
+    train, val = read_babylm_folder(str(folder))
+    assert train == ["shall we read a book ?", "the big red book ."] and val == ["what a nice story ."]
+
+
 def make_coco(root, world, n, bad=()):
     """A tiny COCO-captions folder from world images saved as non-square JPEGs. bad: {index: "garbage" |
     "truncated"} files replaced by something that is not a readable image."""
