@@ -226,6 +226,15 @@ def check_matches_code(ckpt, path):
         raise UserError(f"{path} was written by another version of this code: its layers differ ({', '.join(diff)})")
 
 
+def check_resume_flags(ckpt, args, path, flags):
+    """Flags that shape the saved optimizer state (e.g. which parts are frozen decides its parameter groups)
+    must be the same on --resume."""
+    for flag in flags:
+        if ckpt["args"].get(flag, False) != getattr(args, flag):
+            raise UserError(f"{path} was trained {'with' if ckpt['args'].get(flag) else 'without'} "
+                            f"--{flag}; resume the same way")
+
+
 def check_vocab(ckpt, sp, path):
     """The model's vocabulary must be the tokenizer's."""
     v = ckpt["decoder_config"]["vocab_size"]

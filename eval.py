@@ -123,10 +123,10 @@ def generate_text(model, sp, images, prompts, max_new_tokens=40, batch_size=64, 
         imgs = torch.from_numpy(np.array(images[b0:b0 + batch_size])).to(device)
         batch = prompts[b0:b0 + batch_size]
         # an answer can only be as long as the context has room for after the image and the prompt
-        room = model.decoder.cfg.max_seq_len - model.projector.num_tokens() - max(len(p) for p in batch)
+        longest, P, ctx = max(len(p) for p in batch), model.projector.num_tokens(), model.decoder.cfg.max_seq_len
+        room = ctx - P - longest
         if room < 1:
-            raise UserError(f"a {max(len(p) for p in batch)}-token prompt after {model.projector.num_tokens()} image "
-                            f"tokens fills the model's {model.decoder.cfg.max_seq_len}-token context")
+            raise UserError(f"a {longest}-token prompt after {P} image tokens fills the model's {ctx}-token context")
         new = model.generate(imgs, batch, min(max_new_tokens, room), eos_id=EOS, **kw)
         out += [decode(sp, ids) for ids in new]
     return out

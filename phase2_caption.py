@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (UserError, add_run_args, all_reduce_mean, check_finite, check_range, checkpoint_tokenizer, cleanup, cli,
-                    fmt_speed, load_checkpoint, lr_at, make_checkpoint, make_optimizer, Meter, save_checkpoint, set_lr,
+from common import (UserError, add_run_args, all_reduce_mean, check_finite, check_range, check_resume_flags,
+                    checkpoint_tokenizer, cleanup, cli, fmt_speed, load_checkpoint, lr_at, make_checkpoint, make_optimizer, Meter, save_checkpoint, set_lr,
                     set_rng_state, setup, StopFlag, wrap_model)
 from data.images import load_coco, load_world_split, split_indices
 from eval import bleu4, caption_images, caption_scores
@@ -72,7 +72,7 @@ def parse_args(argv=None):
                      ("merge", 1), ("batch_size", 1), ("length_groups", 1), ("max_steps", 1), ("warmup", 0), ("eval_interval", 1),
                      ("eval_batches", 1), ("log_interval", 1), ("n_test", 0), ("max_caption_tokens", 4)]:
         check_range(name, getattr(args, name), lo=lo)
-    for name in ("canonical_frac", "text_frac", "min_lr_frac"):
+    for name in ("canonical_frac", "min_lr_frac"):
         check_range(name, getattr(args, name), lo=0, hi=1)
     check_range("text_frac", args.text_frac, lo=0, hi=0.5)  # every round(1/frac)-th step: 0.5 = every other one
     check_range("weight_decay", args.weight_decay, lo=0)
@@ -209,10 +209,7 @@ def main(argv=None):
               (model.decoder.parameters(), args.lr_decoder)]
     optimizer = make_optimizer(groups, args.weight_decay, (0.9, 0.95), run.device_type)
     if args.resume:
-        for flag in ("freeze_decoder", "freeze_vit"):  # they decide the optimizer's parameter groups
-            if ckpt["args"].get(flag, False) != getattr(args, flag):
-                raise UserError(f"{last_path} was trained {'with' if ckpt['args'].get(flag) else 'without'} "
-                                f"--{flag}; resume the same way")
+        check_resume_flags(ckpt, args, last_path, ("freeze_decoder", "freeze_vit"))
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"], {"data": gen})
         step, best_val = ckpt["step"], ckpt["best_val"]

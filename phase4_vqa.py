@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (UserError, add_run_args, all_reduce_mean, check_finite, check_range, checkpoint_tokenizer, cleanup, cli,
-                    fmt_speed, load_checkpoint, lr_at, make_checkpoint, make_optimizer, Meter, save_checkpoint, set_lr,
+from common import (UserError, add_run_args, all_reduce_mean, check_finite, check_range, check_resume_flags,
+                    checkpoint_tokenizer, cleanup, cli, fmt_speed, load_checkpoint, lr_at, make_checkpoint, make_optimizer, Meter, save_checkpoint, set_lr,
                     set_rng_state, setup, StopFlag, wrap_model)
 from data.images import split_indices
 from data.vqa import (answers_by_type, load_vqav2, load_world_vqa, split_by_image, vqav2_candidates,
@@ -250,10 +250,7 @@ def main(argv=None):
               (model.decoder.parameters(), args.lr_decoder)]
     optimizer = make_optimizer(groups, args.weight_decay, (0.9, 0.95), run.device_type)
     if args.resume:
-        for flag in ("freeze_decoder", "freeze_vit"):  # they decide the optimizer's parameter groups
-            if ckpt["args"].get(flag, False) != getattr(args, flag):
-                raise UserError(f"{last_path} was trained {'with' if ckpt['args'].get(flag) else 'without'} "
-                                f"--{flag}; resume the same way")
+        check_resume_flags(ckpt, args, last_path, ("freeze_decoder", "freeze_vit"))
         optimizer.load_state_dict(ckpt["optimizer"])
         set_rng_state(ckpt["rng"], {"data": gen})
         step, best_val = ckpt["step"], ckpt["best_val"]

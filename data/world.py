@@ -846,9 +846,8 @@ def caption_quality(scene, text):
                 desc.update({k: v for k, v in p["desc"].items() if k in ("size", "color", "shape", "pos")})
         op, k = c["np"]["quant"]
         if "color" in desc and "shape" in desc and k >= 1:
-            fits = [i for i, o in enumerate(scene["objects"]) if o in
-                    _matching(scene, **{a: v for a, v in desc.items() if a in ("size", "color", "shape", "pos")})]
-            slots += [fits] * k
+            matches = _matching(scene, **{a: v for a, v in desc.items() if a in ("size", "color", "shape", "pos")})
+            slots += [[i for i, o in enumerate(scene["objects"]) if any(o is m for m in matches)]] * k
     # objects named = the most claims matched to DIFFERENT objects: "a red circle ... and a red circle" names one
     named = _max_matching(slots)
     n = len(scene["objects"])
