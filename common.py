@@ -227,12 +227,25 @@ def check_matches_code(ckpt, path):
 
 
 def check_resume_flags(ckpt, args, path, flags):
-    """Flags that shape the saved optimizer state (e.g. which parts are frozen decides its parameter groups)
-    must be the same on --resume."""
+    """Flags that shape the saved optimizer state (e.g. which parts are frozen decides its parameter groups),
+    or the val loss that best.pt is chosen by, must be the same on --resume."""
     for flag in flags:
-        if ckpt["args"].get(flag, False) != getattr(args, flag):
-            raise UserError(f"{path} was trained {'with' if ckpt['args'].get(flag) else 'without'} "
-                            f"--{flag}; resume the same way")
+        saved, now = ckpt["args"].get(flag, False), getattr(args, flag)
+        if saved != now:
+            how = ('with' if saved else 'without') + f" --{flag}" if isinstance(now, bool) else f"with --{flag} {saved}"
+            raise UserError(f"{path} was trained {how}; resume the same way")
+
+
+def resume_training(ckpt, optimizer, gens, path):
+    """Restore the optimizer's moments and the RNG from last.pt. This run's hyperparameters (--lr,
+    --weight_decay, fused or not) stay: the saved parameter groups would otherwise bring the old ones back."""
+    if "optimizer" not in ckpt or "rng" not in ckpt:
+        raise UserError(f"{path} holds no optimizer state (a best.pt copy?); resume from the last.pt a run saved")
+    keep = [{k: g[k] for k in ("lr", "base_lr", "weight_decay", "fused") if k in g} for g in optimizer.param_groups]
+    optimizer.load_state_dict(ckpt["optimizer"])
+    for g, hyper in zip(optimizer.param_groups, keep):
+        g.update(hyper)
+    set_rng_state(ckpt["rng"], gens)
 
 
 def check_vocab(ckpt, sp, path):
@@ -276,7 +289,7 @@ def rng_state(gens):
     st = {"torch": torch.get_rng_state(), "python": random.getstate()[1], "numpy": None,
           "gens": {k: g.get_state() for k, g in gens.items()}}
     if torch.cuda.is_available():
-        st["cuda"] = torch.cuda.get_rng_state_all()
+        st["cuda"] = torch.cuda.get_rng_state()  # this process's GPU only: a resume may see fewer GPUs
     return st
 
 
@@ -286,7 +299,11 @@ def set_rng_state(st, gens):
     for k, g in gens.items():
         g.set_state(st["gens"][k])
     if "cuda" in st and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(st["cuda"])
+        cuda = st["cuda"]
+        if isinstance(cuda, (list, tuple)):  # older checkpoints: one state per GPU
+            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 class StopFlag:
@@ -304,6 +321,11 @@ class StopFlag:
         self.stop = True
         self.signum = signum
 
+    def release(self):
+        """Training is over: Ctrl-C and SIGTERM stop the program at once again (e.g. in the final evaluation)."""
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
     def agreed(self, run):
         """Stop now? Under DDP every rank must stop after the same step, or the first to leave takes the others'
         next collective down with it (gloo: a crash before they save; NCCL: a hang): stop if any rank got the
@@ -316,6 +338,14 @@ def check_finite(loss_value, step, out_path, what="loss"):
     if not math.isfinite(loss_value):
         raise UserError(f"{what} became {loss_value} at step {step}; stopped, the last good checkpoint in {out_path} is kept. "
                         "Try a lower --lr or check the data")
+
+
+def check_weights_finite(model, step, out_path):
+    """Before saving on an interrupt: the last update may have made the weights inf/NaN (the loss checked
+    so far was computed before it)."""
+    if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+        raise UserError(f"the weights became inf/NaN at step {step}; stopped, the last good checkpoint in {out_path} "
+                        "is kept. Try a lower --lr or check the data")
 
 
 # -----------------------------------------------------------------------------
@@ -406,26 +436,33 @@ def fmt_speed(r):
 # -----------------------------------------------------------------------------
 # Small JSON/JSONL readers that say which line is wrong
 
+def _open_text(path):
+    if not os.path.isfile(path):
+        raise UserError(f"file {path} not found" if not os.path.exists(path) else f"{path} is not a file")
+    return open(path, encoding="utf-8")
+
+
 def read_jsonl(path):
-    if not os.path.exists(path):
-        raise UserError(f"file {path} not found")
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path} line {i}: malformed JSON ({e.msg}); fix or delete that line")
+    with _open_text(path) as f:
+        try:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path} line {i}: malformed JSON ({e.msg}); fix or delete that line")
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not UTF-8 text; expected JSON lines")
     return rows
 
 
 def read_json(path):
-    if not os.path.exists(path):
-        raise UserError(f"file {path} not found")
-    with open(path, encoding="utf-8") as f:
+    with _open_text(path) as f:
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
             raise UserError(f"{path} line {e.lineno}: malformed JSON ({e.msg})")
+        except UnicodeDecodeError:
+            raise UserError(f"{path} is not UTF-8 text; expected JSON")

@@ -44,12 +44,13 @@ def sequence_logprobs(model, seqs, images=None, score_from=None, batch_size=64, 
         chunk = seqs[b0:b0 + batch_size]
         ids, real = pad_batch(chunk)
         ids, real = ids.to(device), real.to(device)
+        # the last token predicts nothing that is scored: leave it out, so a sequence may fill the context
         if images is not None:
             imgs = torch.from_numpy(np.array(images[b0:b0 + batch_size])).to(device)
-            logits = model.all_logits(imgs, ids)
+            logits = model.all_logits(imgs, ids[:, :-1])
         else:
-            logits = decoder_of(model).all_logits(ids)
-        logp = F.log_softmax(logits[:, :-1].float(), dim=-1)  # position t predicts token t+1
+            logits = decoder_of(model).all_logits(ids[:, :-1])
+        logp = F.log_softmax(logits.float(), dim=-1)  # position t predicts token t+1
         tok_lp = logp.gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
         keep = real[:, 1:].clone()
         if score_from is not None:

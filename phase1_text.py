@@ -12,18 +12,20 @@ phase 2 starts from, and out/phase1/last.pt (for --resume).
     torchrun --nproc_per_node=2 phase1_text.py --device cpu   # DDP, same global batch
 """
 import argparse
+import glob
 import hashlib
 import json
 import os
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (UserError, add_run_args, check_finite, check_range, cleanup, cli, fmt_speed,
-                    load_checkpoint, lr_at, make_checkpoint, make_optimizer, Meter, save_checkpoint, set_lr,
-                    set_rng_state, setup, StopFlag, wrap_model, all_reduce_mean)
+from common import (UserError, add_run_args, all_reduce_mean, check_finite, check_range, check_resume_flags,
+                    check_weights_finite, cleanup, cli, fmt_speed, load_checkpoint, lr_at, make_checkpoint,
+                    make_optimizer, Meter, resume_training, save_checkpoint, set_lr, setup, StopFlag, wrap_model)
 from data.text import read_babylm_folder, read_lines, tokenize_lines, unigram_entropy
 from model import Decoder, DecoderConfig
 from tokenizer import BOS, EOS, load_tokenizer, train_tokenizer
@@ -93,6 +95,9 @@ def prepare_data(args, run):
         if info.get("requested_vocab", vocab) != vocab:
             raise UserError(f"{args.out_dir} already holds a {info['requested_vocab']}-piece tokenizer; "
                             f"use another --out_dir for --vocab_size={vocab}")
+        if "fingerprint" in info and info["fingerprint"] != source_fingerprint(args):
+            raise UserError(f"the text in {source.removeprefix('world:')} changed since {args.out_dir} was prepared "
+                            "from it; use another --out_dir (its tokenizer and checkpoints belong to the old text)")
     if run.master and not (os.path.exists(train_path) and os.path.exists(val_path) and os.path.exists(tok_path)):
         if args.data_dir:
             train_lines, val_lines = read_babylm_folder(args.data_dir)
@@ -116,7 +121,8 @@ def prepare_data(args, run):
         tokenize_lines(val_lines, sp, val_path, BOS, EOS)
         with open(info_path, "w") as f:
             json.dump({"source": source, "vocab_size": sp.get_piece_size(), "requested_vocab": requested,
-                       "world_dir": args.world_dir, "data_dir": args.data_dir}, f, indent=1)
+                       "fingerprint": source_fingerprint(args), "world_dir": args.world_dir,
+                       "data_dir": args.data_dir}, f, indent=1)
     if run.ddp:
         import torch.distributed as dist
         dist.barrier()
@@ -126,6 +132,40 @@ def prepare_data(args, run):
     if len(train) <= args.seq_len + 1 or len(val) <= args.seq_len + 1:
         raise UserError(f"corpus too small for --seq_len={args.seq_len}: {len(train)} train / {len(val)} val tokens")
     return sp, tok_path, train, val
+
+
+def source_fingerprint(args):
+    """A hash of what phase 1 reads, so tokens and a tokenizer made from older text are never reused: the
+    BabyLM files' bytes, or the world's meta.json (its seed, scale and format decide every file)."""
+    if args.data_dir:
+        files = sorted(glob.glob(os.path.join(args.data_dir, "*.train")) + glob.glob(os.path.join(args.data_dir, "*.dev")))
+    else:
+        from data.world import ensure_built
+        ensure_built(args.world_dir)
+        files = [os.path.join(args.world_dir, "meta.json")]
+    h = hashlib.sha1()
+    for path in files:
+        h.update(os.path.basename(path).encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def text_of_phase1(p1_ckpt, out_dir, run):
+    """Phase 1's (train, val) token streams for a later phase: the corpus phase 1 recorded (by absolute path,
+    from out_dir's data.json), tokenized in this --out_dir, whose tokenizer every checkpoint there shares.
+    Not the folders phase 1's args name: those may be relative to another directory, or renamed since."""
+    p1_args = SimpleNamespace(**p1_ckpt["args"])
+    p1_args.out_dir = out_dir
+    info_path = os.path.join(out_dir, "data.json")
+    source = read_info(info_path).get("source", "") if os.path.exists(info_path) else ""
+    if source.startswith("world:"):
+        p1_args.world_dir, p1_args.data_dir = source.removeprefix("world:"), ""
+    elif source:
+        p1_args.data_dir = source
+    _, _, train, val = prepare_data(p1_args, run)
+    return train, val
 
 
 def read_info(path):
@@ -229,9 +269,9 @@ def main(argv=None):
     model = Decoder(cfg).to(run.device)
     optimizer = make_optimizer([(model.parameters(), args.lr)], args.weight_decay, (0.9, 0.95), run.device_type)
     if args.resume:
+        check_resume_flags(ckpt, args, last_path, ("batch_size", "seq_len", "eval_iters"))  # what val loss means
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"], {"data": gen})
+        resume_training(ckpt, optimizer, {"data": gen}, last_path)
         step, best_val = ckpt["step"], ckpt["best_val"]
         if run.master:
             print(f"resumed from {last_path} at step {step} (best val {best_val:.4f})")
@@ -291,12 +331,13 @@ def main(argv=None):
             tqdm.write(f"step {step} | loss {loss_value:.4f} | lr {lr:.2e} | {fmt_speed(meter.report())}")
         if stop.agreed(run):
             if run.master:
-                check_finite(loss.item(), step, out)  # NaN weights are the same on every rank
+                check_weights_finite(model, step, out)
                 save_checkpoint(checkpoint(val_loss, True), last_path)
                 tqdm.write(f"interrupted: saved {last_path} at step {step}; continue with --resume")
             cleanup(run)
             sys.exit(130 if stop.signum == 2 else 143)
     pbar.close()
+    stop.release()
     if run.master:
         print(f"done: best val loss {best_val:.4f} nats/token vs unigram entropy {H_unigram:.4f} -> {best_path}")
     cleanup(run)

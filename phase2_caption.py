@@ -22,8 +22,9 @@ import torch
 from tqdm import tqdm
 
 from common import (UserError, add_run_args, all_reduce_mean, check_finite, check_range, check_resume_flags,
-                    checkpoint_tokenizer, cleanup, cli, fmt_speed, load_checkpoint, lr_at, make_checkpoint, make_optimizer, Meter, save_checkpoint, set_lr,
-                    set_rng_state, setup, StopFlag, wrap_model)
+                    check_weights_finite, checkpoint_tokenizer, cleanup, cli, fmt_speed, load_checkpoint, lr_at,
+                    make_checkpoint, make_optimizer, Meter, resume_training, save_checkpoint, set_lr, setup, StopFlag,
+                    wrap_model)
 from data.images import load_coco, load_world_split, split_indices
 from eval import bleu4, caption_images, caption_scores
 from model import VLM, DecoderConfig, ViTConfig, build_model
@@ -209,9 +210,8 @@ def main(argv=None):
               (model.decoder.parameters(), args.lr_decoder)]
     optimizer = make_optimizer(groups, args.weight_decay, (0.9, 0.95), run.device_type)
     if args.resume:
-        check_resume_flags(ckpt, args, last_path, ("freeze_decoder", "freeze_vit"))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"], {"data": gen})
+        check_resume_flags(ckpt, args, last_path, ("freeze_decoder", "freeze_vit", "batch_size", "eval_batches"))
+        resume_training(ckpt, optimizer, {"data": gen}, last_path)
         step, best_val = ckpt["step"], ckpt["best_val"]
         if run.master:
             print(f"resumed from {last_path} at step {step} (best val {best_val:.4f})")
@@ -222,8 +222,7 @@ def main(argv=None):
     text_every = round(1 / args.text_frac) if args.text_frac > 0 and not args.freeze_decoder else 0
     if text_every:
         import phase1_text
-        p1_args = SimpleNamespace(**prev["args"])
-        _, _, text_train, _ = phase1_text.prepare_data(p1_args, run)
+        text_train, _ = phase1_text.text_of_phase1(prev, args.out_dir, run)
     mean_cap = float(np.mean([len(c[0]) for c in train.captions[:1000]]))
     flops_per_image = model.flops_per_sample(mean_cap)
     if run.master:
@@ -302,11 +301,13 @@ def main(argv=None):
                        f"{fmt_speed(meter.report())}")
         if stop.agreed(run):
             if run.master:
+                check_weights_finite(model, step, out)
                 save_checkpoint(checkpoint(val_loss, True), last_path)
                 tqdm.write(f"interrupted: saved {last_path} at step {step}; continue with --resume")
             cleanup(run)
             sys.exit(130 if stop.signum == 2 else 143)
     pbar.close()
+    stop.release()
 
     # ---- held-out captions from the best checkpoint
     if run.master and args.n_test > 0:

@@ -13,6 +13,7 @@ Best checkpoint by val loss on real held-out text -> out/phase3/best.pt (a full 
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -23,9 +24,10 @@ import torch
 from tqdm import tqdm
 
 import phase1_text
-from common import (UserError, add_run_args, all_reduce_mean, check_finite, check_range, checkpoint_tokenizer, cleanup, cli, fmt_speed,
-                    load_checkpoint, lr_at, make_checkpoint, make_optimizer, Meter, read_jsonl, save_checkpoint,
-                    set_lr, set_rng_state, setup, StopFlag, wrap_model)
+from common import (UserError, add_run_args, all_reduce_mean, check_finite, check_range, check_resume_flags,
+                    check_weights_finite, checkpoint_tokenizer, cleanup, cli, fmt_speed, load_checkpoint, lr_at,
+                    make_checkpoint, make_optimizer, Meter, read_jsonl, resume_training, save_checkpoint, set_lr, setup,
+                    StopFlag, wrap_model)
 from data.images import load_world_split
 from eval import caption_images, minimal_pairs, sequence_logprobs, text_loss
 from model import build_model
@@ -74,6 +76,11 @@ def parse_args(argv=None):
     if args.synthetic_frac > 0 and round(args.synthetic_frac * args.batch_size) == 0:  # rows per batch are exact
         raise UserError(f"--synthetic_frac={args.synthetic_frac} of --batch_size={args.batch_size} rounds to 0 synthetic "
                         "rows per batch: that is the control run; raise either, or use --synthetic_frac 0")
+    if args.synthetic_frac < 1 and round(args.synthetic_frac * args.batch_size) == args.batch_size:
+        raise UserError(f"--synthetic_frac={args.synthetic_frac} of --batch_size={args.batch_size} rounds to no real text "
+                        "rows per batch; lower it or raise --batch_size, or use --synthetic_frac 1")
+    if math.isnan(args.min_logprob):
+        raise UserError("--min_logprob must be a number (leave it out for no confidence filter)")
     check_range("temperature", args.temperature, lo=0)
     check_range("lr", args.lr, lo=0, lo_open=True)
     check_range("min_lr_frac", args.min_lr_frac, lo=0, hi=1)
@@ -82,6 +89,9 @@ def parse_args(argv=None):
     if args.init not in ("phase2", "phase3", "phase4"):
         raise UserError(f"--init={args.init}: phase 3 needs a model with vision (phase2, phase3 or phase4)")
     args.out_name = args.out_name or ("phase3_control" if args.synthetic_frac == 0 else "phase3")
+    if args.out_name in ("phase1", "phase2", "phase4", args.init) or os.path.basename(os.path.normpath(args.out_name)) != args.out_name:
+        raise UserError(f"--out_name={args.out_name} would write over another phase's checkpoints or leave {args.out_dir}; "
+                        "pick a new folder name such as phase3_b")
     return args
 
 
@@ -183,13 +193,17 @@ def main(argv=None):
         raise UserError(f"{init_path} has no vision tower; phase 3 starts from a phase 2 checkpoint")
     sp = checkpoint_tokenizer(prev, init_path)
     p1 = load_checkpoint(os.path.join(args.out_dir, "phase1", "best.pt"), "phase1", run_first="python phase1_text.py")
-    p1_args = SimpleNamespace(**p1["args"])
-    _, _, real_train, real_val = phase1_text.prepare_data(p1_args, run)
+    real_train, real_val = phase1_text.text_of_phase1(p1, args.out_dir, run)
     model = build_model(prev).to(run.device)
     P = model.projector.num_tokens()
     if P + 1 + args.max_caption_tokens > model.decoder.cfg.max_seq_len:
         raise UserError(f"{P} image tokens + {args.max_caption_tokens} caption tokens exceed the decoder's "
                         f"max_seq_len {model.decoder.cfg.max_seq_len}; lower --max_caption_tokens")
+    if args.seq_len > model.decoder.cfg.max_seq_len:
+        raise UserError(f"--seq_len={args.seq_len} exceeds the model's max_seq_len {model.decoder.cfg.max_seq_len}")
+    if args.resume:  # before the captioning, which takes minutes
+        ckpt = load_checkpoint(last_path, PHASE, run_first=f"python phase3_synth.py --synthetic_frac {args.synthetic_frac}")
+        check_resume_flags(ckpt, args, last_path, ("batch_size", "seq_len", "eval_iters"))  # what val loss means
 
     # ---- 1. dream: caption the unlabeled images (skipped by the control, which never uses them)
     syn_path = os.path.join(out, "synthetic.jsonl")
@@ -231,16 +245,12 @@ def main(argv=None):
     for p in list(model.vit.parameters()) + list(model.projector.parameters()):
         p.requires_grad_(False)
     decoder = model.decoder
-    if args.seq_len > decoder.cfg.max_seq_len:
-        raise UserError(f"--seq_len={args.seq_len} exceeds the model's max_seq_len {decoder.cfg.max_seq_len}")
     optimizer = make_optimizer([(decoder.parameters(), args.lr)], args.weight_decay, (0.9, 0.95), run.device_type)
     gen = torch.Generator().manual_seed(args.seed)
     step, best_val = 0, float("inf")
     if args.resume:
-        ckpt = load_checkpoint(last_path, PHASE, run_first=f"python phase3_synth.py --synthetic_frac {args.synthetic_frac}")
         model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"], {"data": gen})
+        resume_training(ckpt, optimizer, {"data": gen}, last_path)
         step, best_val = ckpt["step"], ckpt["best_val"]
         print(f"resumed from {last_path} at step {step}")
     ddecoder = wrap_model(decoder, run, args.compile)
@@ -288,11 +298,13 @@ def main(argv=None):
             tqdm.write(f"step {step} | loss {loss_value:.4f} | lr {optimizer.param_groups[0]['lr']:.2e} | {fmt_speed(meter.report())}")
         if stop.agreed(run):
             if run.master:
+                check_weights_finite(model, step, out)
                 save_checkpoint(checkpoint(val_loss, True), last_path)
                 tqdm.write(f"interrupted: saved {last_path} at step {step}; continue with --resume")
             cleanup(run)
             sys.exit(130 if stop.signum == 2 else 143)
     pbar.close()
+    stop.release()
 
     # ---- 3. did it help? language scores of the best checkpoint (compare with phase 2 and the control)
     if run.master and not args.images:
@@ -311,9 +323,15 @@ def load_unlabeled(args):
     if args.images:
         if not os.path.exists(args.images):
             raise UserError(f"--images {args.images} not found")
-        images = np.load(args.images, mmap_mode="r")
-        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
-            raise UserError(f"--images {args.images} must hold a uint8 array (N, H, W, 3), not {images.dtype} {images.shape}")
+        try:
+            images = np.load(args.images, mmap_mode="r")
+        except (ValueError, OSError) as e:  # not .npy, a pickle, an object array, a folder
+            raise UserError(f"--images {args.images} is not a .npy array of images ({e})")
+        if not isinstance(images, np.ndarray):  # e.g. an .npz archive
+            raise UserError(f"--images {args.images} must be one .npy array (N, H, W, 3), not an archive")
+        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8 or len(images) == 0:
+            raise UserError(f"--images {args.images} must hold a uint8 array (N, H, W, 3) with N > 0, "
+                            f"not {images.dtype} {images.shape}")
         return images
     from data.world import ensure_built
     ensure_built(args.world_dir)

@@ -30,8 +30,9 @@ import torch
 from tqdm import tqdm
 
 from common import (UserError, add_run_args, all_reduce_mean, check_finite, check_range, check_resume_flags,
-                    checkpoint_tokenizer, cleanup, cli, fmt_speed, load_checkpoint, lr_at, make_checkpoint, make_optimizer, Meter, save_checkpoint, set_lr,
-                    set_rng_state, setup, StopFlag, wrap_model)
+                    check_weights_finite, checkpoint_tokenizer, cleanup, cli, fmt_speed, load_checkpoint, lr_at,
+                    make_checkpoint, make_optimizer, Meter, resume_training, save_checkpoint, set_lr, setup, StopFlag,
+                    wrap_model)
 from data.images import split_indices
 from data.vqa import (answers_by_type, load_vqav2, load_world_vqa, split_by_image, vqav2_candidates,
                       world_candidates)
@@ -250,9 +251,8 @@ def main(argv=None):
               (model.decoder.parameters(), args.lr_decoder)]
     optimizer = make_optimizer(groups, args.weight_decay, (0.9, 0.95), run.device_type)
     if args.resume:
-        check_resume_flags(ckpt, args, last_path, ("freeze_decoder", "freeze_vit"))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"], {"data": gen})
+        check_resume_flags(ckpt, args, last_path, ("freeze_decoder", "freeze_vit", "batch_size", "eval_batches"))
+        resume_training(ckpt, optimizer, {"data": gen}, last_path)
         step, best_val = ckpt["step"], ckpt["best_val"]
         if run.master:
             print(f"resumed from {last_path} at step {step} (best val {best_val:.4f})")
@@ -265,7 +265,7 @@ def main(argv=None):
         import phase1_text
         p1_path = os.path.join(args.out_dir, "phase1", "best.pt")
         p1 = load_checkpoint(p1_path, "phase1", run_first="python phase1_text.py` (phase 4 replays its text), or pass `--text_frac 0")
-        _, _, text_train, _ = phase1_text.prepare_data(SimpleNamespace(**p1["args"]), run)
+        text_train, _ = phase1_text.text_of_phase1(p1, args.out_dir, run)
 
     mean_len = float(np.mean([len(p) + len(a) for p, a in zip(train.prompts[:2000], train.answers[:2000])]))
     flops_per_sample = model.flops_per_sample(mean_len)
@@ -337,11 +337,13 @@ def main(argv=None):
                        f"{fmt_speed(meter.report())}")
         if stop.agreed(run):
             if run.master:
+                check_weights_finite(model, step, out)
                 save_checkpoint(checkpoint(val_loss, True), last_path)
                 tqdm.write(f"interrupted: saved {last_path} at step {step}; continue with --resume")
             cleanup(run)
             sys.exit(130 if stop.signum == 2 else 143)
     pbar.close()
+    stop.release()
 
     # ---- held-out questions from the best checkpoint
     if run.master and args.n_test > 0:

@@ -5,6 +5,7 @@ model will see. Ids: 0 = pad, 1 = unk, 2 = bos, 3 = eos. It is stored next to th
 """
 import io
 import os
+import re
 
 import sentencepiece as spm
 
@@ -24,12 +25,19 @@ def train_tokenizer(lines, model_path, vocab_size, max_lines=100_000):
         lines = [lines[int(i * step)] for i in range(max_lines)]
     os.makedirs(os.path.dirname(model_path) or ".", exist_ok=True)
     buf = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
-        pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS, byte_fallback=True, split_digits=True,
-        character_coverage=1.0, hard_vocab_limit=False, num_threads=os.cpu_count() or 1,
-        max_sentence_length=1 << 14, minloglevel=2,
-    )
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
+            pad_id=PAD, unk_id=UNK, bos_id=BOS, eos_id=EOS, byte_fallback=True, split_digits=True,
+            character_coverage=1.0, hard_vocab_limit=False, num_threads=os.cpu_count() or 1,
+            max_sentence_length=1 << 14, minloglevel=2,
+        )
+    except RuntimeError as e:  # e.g. "Vocabulary size is smaller than required_chars. 260 vs 283."
+        need = re.search(r"required_chars\. \d+ vs (\d+)", str(e))
+        if need:
+            raise UserError(f"--vocab_size={vocab_size} is too small for this corpus: its 4 special pieces, 256 bytes "
+                            f"and distinct characters need at least {need.group(1)}")
+        raise
     tmp = model_path + ".tmp"
     with open(tmp, "wb") as f:
         f.write(buf.getvalue())

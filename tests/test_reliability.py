@@ -292,7 +292,10 @@ def test_out_of_range_values_in_process():
              (phase2_caption, ["--weight_decay", "-1"]), (phase2_caption, ["--grad_clip", "-5"]),
              (phase3_synth, ["--weight_decay", "-1"]), (phase3_synth, ["--grad_clip", "-5"]),
              (phase2_caption, ["--patch_size", "1"]), (phase2_caption, ["--patch_size", "3"]),
-             (phase3_synth, ["--synthetic_frac", "0.01"])]  # 0.01 x 32 rows rounds to no synthetic row
+             (phase3_synth, ["--synthetic_frac", "0.01"]),  # 0.01 x 32 rows rounds to no synthetic row
+             (phase3_synth, ["--synthetic_frac", "0.99"]),  # ... and 0.99 x 32 to no real row
+             (phase3_synth, ["--min_logprob", "nan"]),
+             (phase3_synth, ["--out_name", "phase2"]), (phase3_synth, ["--out_name", "../phase3"])]
     for mod, argv in cases:
         with pytest.raises(UserError, match=re.escape(argv[0])):
             mod.parse_args(argv)
@@ -319,20 +322,24 @@ def test_an_out_dir_keeps_its_tokenizer(world, phase1_dir, copy_run):
 
 
 def test_resume_mismatches(world, pipeline, copy_run):
-    """Resuming past --max_steps ends at once instead of never; a longer --seq_len than the model has, or
-    other freeze flags than the run had, is one clear line; nothing is written in either case."""
+    """Resuming past --max_steps ends at once instead of never; a longer --seq_len than the model has, other
+    freeze flags or another batch size than the run had, is one clear line; phase 2 is never written."""
     d = copy_run(pipeline)
     p2 = hashes(out_of(d, "phase2"))
     p1 = sha(out_of(d, "phase1", "best.pt"))
-    past, seq, frozen = run_many([
+    past, seq, frozen, batch = run_many([
         ("phase1_text.py", ["--world_dir", world, "--out_dir", "out", "--resume", *TINY_P1, "--max_steps", "10"], d),
         ("phase1_text.py", ["--world_dir", world, "--out_dir", "out", "--resume", *TINY_P1, "--seq_len=256"], d),
         ("phase2_caption.py", ["--world_dir", world, "--out_dir", "out", "--resume", *TINY_P2, "--freeze_decoder"], d),
+        # val loss is the mean over eval_batches x batch_size images: another size would make best.pt's
+        # comparison with the saved best val loss meaningless
+        ("phase2_caption.py", ["--world_dir", world, "--out_dir", "out", "--resume", *TINY_P2, "--batch_size", "4"], d),
     ])
     assert_ok(past)
     assert "resumed from" in past.stdout and f"step {P1_STEPS}" in past.stdout
     assert_user_error(seq, "--seq_len=256", "max_seq_len=64", "--seq_len 64")
     assert_user_error(frozen, "phase2/last.pt", "without --freeze_decoder", "resume the same way")
+    assert_user_error(batch, "phase2/last.pt", "with --batch_size 8", "resume the same way")
     assert hashes(out_of(d, "phase2")) == p2
     assert sha(out_of(d, "phase1", "best.pt")) == p1
 
@@ -579,3 +586,128 @@ def test_same_seed_same_result_phase1(tmp_path, world, phase1_dir):
     assert sha(out_of(d, "tokenizer.model")) == sha(out_of(phase1_dir, "tokenizer.model"))
     assert_same_checkpoint(out_of(d, "phase1", "best.pt"), out_of(phase1_dir, "phase1", "best.pt"), keys=("model",))
     assert_same_checkpoint(out_of(d, "phase1", "last.pt"), out_of(phase1_dir, "phase1", "last.pt"))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Fifth review: stale corpora, renamed run folders, resume hyperparameters, bad phase 3 inputs
+
+def test_a_changed_corpus_is_refused(tmp_path):
+    """Tokens and a tokenizer made from a corpus are never reused after that corpus changed (e.g. the world
+    rebuilt at another --scale in place): the out_dir's checkpoints belong to the old text."""
+    import phase1_text
+    from types import SimpleNamespace
+    from common import UserError
+    data, out = tmp_path / "babylm", str(tmp_path / "out")
+    data.mkdir()
+    (data / "a.train").write_text("the cat sat on the mat .\nwhere is the ball ?\n" * 300)
+    args = phase1_text.parse_args(["--data_dir", str(data), "--out_dir", out, "--vocab_size", "300", "--seq_len", "16"])
+    run = SimpleNamespace(master=True, ddp=False)
+    phase1_text.prepare_data(args, run)
+    before = hashes(out)
+    phase1_text.prepare_data(args, run)  # unchanged: the cached tokens are used
+    (data / "a.train").write_text("the dog ran to the park .\n" * 300)
+    with pytest.raises(UserError, match="changed since .* use another --out_dir"):
+        phase1_text.prepare_data(args, run)
+    assert hashes(out) == before
+
+
+def test_later_phases_find_phase1_text_in_a_moved_out_dir(tmp_path, monkeypatch, phase1_dir):
+    """Phases 2-4 replay phase 1's text from the --out_dir they are given, not from the (relative, maybe
+    renamed) out_dir phase 1 ran with: nothing is re-tokenized or written anywhere else."""
+    import phase1_text
+    from types import SimpleNamespace
+    moved = str(tmp_path / "moved_out")
+    shutil.copytree(out_of(phase1_dir), moved)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # phase 1 recorded --out_dir out, relative to its own folder
+    before = hashes(moved)
+    p1 = load(os.path.join(moved, "phase1", "best.pt"))
+    train, val = phase1_text.text_of_phase1(p1, moved, SimpleNamespace(master=True, ddp=False))
+    _, _, train0, val0 = phase1_text.prepare_data(phase1_text.parse_args(["--world_dir", p1["args"]["world_dir"],
+                                                                          "--out_dir", out_of(phase1_dir)]), SimpleNamespace(master=True, ddp=False))
+    assert np.array_equal(train, train0) and np.array_equal(val, val0)
+    assert os.listdir(elsewhere) == [] and hashes(moved) == before
+
+
+def test_resume_keeps_this_runs_hyperparameters():
+    """--resume restores AdamW's moments and the RNG, but --lr and --weight_decay given now win over the
+    saved parameter groups; a checkpoint without optimizer state is one clear line."""
+    from common import UserError, make_optimizer, resume_training, rng_state
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    old = make_optimizer([(model.parameters(), 3e-3)], 0.1, (0.9, 0.95), "cpu")
+    model(torch.randn(5, 4)).sum().backward()
+    old.step()
+    ckpt = {"optimizer": old.state_dict(), "rng": rng_state({})}
+    new = make_optimizer([(model.parameters(), 1e-4)], 0.0, (0.9, 0.95), "cpu")
+    resume_training(ckpt, new, {}, "last.pt")
+    assert {(g["lr"], g["base_lr"], g["weight_decay"]) for g in new.param_groups} == {(1e-4, 1e-4, 0.0)}
+    assert torch.equal(new.state[model.weight]["exp_avg"], old.state[model.weight]["exp_avg"])
+    with pytest.raises(UserError, match="no optimizer state"):
+        resume_training({"model": {}}, new, {}, "best.pt")
+
+
+def test_scoring_a_sequence_that_fills_the_context():
+    """Phase 3 scores each caption as [BOS] caption [EOS]; a caption of the longest length its check allows
+    fills the context exactly and must still be scored (the last token's logits are never needed)."""
+    import torch.nn.functional as F
+    from eval import sequence_logprobs
+    from model import VLM, DecoderConfig, ViTConfig
+    torch.manual_seed(0)
+    model = VLM(DecoderConfig(vocab_size=300, n_layer=1, n_head=2, d_model=16, max_seq_len=12),
+                ViTConfig(image_size=8, patch_size=4, n_layer=1, n_head=2, d_model=16, merge=1)).eval()
+    images = np.random.default_rng(0).integers(0, 256, (1, 8, 8, 3), dtype=np.uint8)
+    seq = [2] + [5, 6, 7, 8, 9, 10, 11] + [3]  # 4 image tokens + 9 = 13 positions, one more than the context
+    lp, n = sequence_logprobs(model, [seq], images=images)
+    with torch.no_grad():
+        logp = F.log_softmax(model.all_logits(torch.from_numpy(images), torch.tensor([seq[:-1]])), -1)[0]
+    assert n == [8] and lp[0] == pytest.approx(sum(logp[t, seq[t + 1]].item() for t in range(8)), abs=1e-5)
+
+
+def test_unreadable_inputs_are_one_clear_line(tmp_path):
+    """A tokenizer vocabulary too small for the corpus' characters, and phase 3 --images / jsonl files that are
+    not what they should be, fail with a line that names the file or the number needed."""
+    from types import SimpleNamespace
+    import phase3_synth
+    from common import UserError, read_json, read_jsonl
+    from tokenizer import train_tokenizer
+    lines = ["".join(chr(c) for c in range(0x3b1, 0x3b1 + 24)) + " abcdefghijklmnopqrstuvwxyz ."] * 50
+    with pytest.raises(UserError, match="--vocab_size=260 is too small .* at least"):
+        train_tokenizer(lines, str(tmp_path / "tok.model"), 260)
+    npz, txt, empty = tmp_path / "a.npz", tmp_path / "a.txt", tmp_path / "empty.npy"
+    np.savez(npz, x=np.zeros((2, 32, 32, 3), np.uint8))
+    txt.write_text("not an array")
+    np.save(empty, np.zeros((0, 32, 32, 3), np.uint8))
+    for path, msg in [(npz, "archive"), (txt, "not a .npy array"), (tmp_path, "not a .npy array"), (empty, "N > 0")]:
+        with pytest.raises(UserError, match=msg):
+            phase3_synth.load_unlabeled(SimpleNamespace(images=str(path)))
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"caption": "caf\u00e9"}\n'.encode("latin-1"))
+    for reader in (read_jsonl, read_json):
+        with pytest.raises(UserError, match="not UTF-8"):
+            reader(str(latin1))
+        with pytest.raises(UserError, match="is not a file"):
+            reader(str(tmp_path))
+
+
+def test_interrupt_save_refuses_nonfinite_weights_and_ctrl_c_works_after_training():
+    """The interrupt path saves last.pt after an update whose result no loss has checked yet: NaN weights
+    are refused there. Once the loop is over, Ctrl-C is an ordinary KeyboardInterrupt again."""
+    import signal as sig
+    from common import StopFlag, UserError, check_weights_finite
+    model = torch.nn.Linear(2, 2)
+    check_weights_finite(model, 3, "out/phase1")
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(UserError, match="inf/NaN at step 3"):
+        check_weights_finite(model, 3, "out/phase1")
+    old = sig.getsignal(sig.SIGINT), sig.getsignal(sig.SIGTERM)
+    try:
+        stop = StopFlag()
+        assert sig.getsignal(sig.SIGINT) == stop._handler
+        stop.release()
+        assert sig.getsignal(sig.SIGINT) is sig.default_int_handler and sig.getsignal(sig.SIGTERM) == sig.SIG_DFL
+    finally:
+        sig.signal(sig.SIGINT, old[0])
+        sig.signal(sig.SIGTERM, old[1])
