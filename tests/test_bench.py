@@ -20,7 +20,7 @@ def test_bench_tiny_writes_sane_json(tmp_path):
                            "--skip_hf", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     elapsed = time.time() - t0
     assert proc.returncode == 0, proc.stderr
-    assert elapsed < 30, f"tiny bench took {elapsed:.1f}s"
+    assert elapsed < 60, f"tiny bench took {elapsed:.1f}s"  # seconds normally; generous for a busy machine
     res = json.loads(out.read_text())
     train = res["train_ours"]
     assert train["tok_s"] > 0 and train["steps_timed"] == 2
