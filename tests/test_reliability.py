@@ -579,6 +579,18 @@ def test_sigterm_then_resume_phase2_matches_uninterrupted_run(world, phase1_dir,
                                d, reference_dir=pipeline, at_step=5, total=P2_STEPS)
 
 
+def test_sigterm_then_resume_phase3_matches_uninterrupted_run(world, pipeline, copy_run):
+    """Phase 3's resume also reads back its synthetic corpus instead of captioning again."""
+    args = ["--world_dir", world, "--out_dir", "out", *TINY_P3, "--max_steps", "12", "--log_interval", "1",
+            "--eval_interval", "5"]
+    ref = copy_run(pipeline)
+    assert_ok(run_script("phase3_synth.py", *args, cwd=ref))
+    d = copy_run(pipeline)
+    check_interrupt_and_resume("phase3_synth.py", "phase3", args, d, reference_dir=ref, at_step=4, total=12)
+    with open(out_of(d, "phase3", "synthetic.jsonl")) as a, open(out_of(ref, "phase3", "synthetic.jsonl")) as b:
+        assert a.read() == b.read()
+
+
 def test_same_seed_same_result_phase1(tmp_path, world, phase1_dir):
     d = str(tmp_path / "again")
     os.makedirs(d)
