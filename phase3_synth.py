@@ -79,6 +79,9 @@ def parse_args(argv=None):
     if args.synthetic_frac < 1 and round(args.synthetic_frac * args.batch_size) == args.batch_size:
         raise UserError(f"--synthetic_frac={args.synthetic_frac} of --batch_size={args.batch_size} rounds to no real text "
                         "rows per batch; lower it or raise --batch_size, or use --synthetic_frac 1")
+    if args.captions_per_image > 1 and args.temperature == 0:
+        raise UserError(f"--captions_per_image={args.captions_per_image} with greedy decoding repeats the same caption; "
+                        "add --temperature (e.g. 0.8) or caption once")
     if math.isnan(args.min_logprob):
         raise UserError("--min_logprob must be a number (leave it out for no confidence filter)")
     check_range("temperature", args.temperature, lo=0)

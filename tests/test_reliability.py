@@ -294,7 +294,7 @@ def test_out_of_range_values_in_process():
              (phase2_caption, ["--patch_size", "1"]), (phase2_caption, ["--patch_size", "3"]),
              (phase3_synth, ["--synthetic_frac", "0.01"]),  # 0.01 x 32 rows rounds to no synthetic row
              (phase3_synth, ["--synthetic_frac", "0.99"]),  # ... and 0.99 x 32 to no real row
-             (phase3_synth, ["--min_logprob", "nan"]),
+             (phase3_synth, ["--min_logprob", "nan"]), (phase3_synth, ["--captions_per_image", "2"]),
              (phase3_synth, ["--out_name", "phase2"]), (phase3_synth, ["--out_name", "../phase3"])]
     for mod, argv in cases:
         with pytest.raises(UserError, match=re.escape(argv[0])):
@@ -306,13 +306,14 @@ def test_an_out_dir_keeps_its_tokenizer(world, phase1_dir, copy_run):
     """Another corpus or vocabulary in an out_dir that already has a tokenizer is refused before anything is
     trained or written: the checkpoints there were trained with the tokenizer that is there."""
     import phase1_text
-    from common import UserError, setup
+    from types import SimpleNamespace
+    from common import UserError
     d = copy_run(phase1_dir)
     other = os.path.join(d, "other_world")
     os.symlink(world, other)  # the same files under another path: another source as far as the out_dir knows
     before = hashes(out_of(d))
     args = phase1_text.parse_args(["--world_dir", other, "--out_dir", out_of(d), *TINY_P1])
-    run = setup(args)
+    run = SimpleNamespace(master=True, ddp=False)  # what prepare_data reads (setup() would reseed and set devices)
     with pytest.raises(UserError, match="already holds a tokenizer"):
         phase1_text.prepare_data(args, run)
     args = phase1_text.parse_args(["--world_dir", world, "--out_dir", out_of(d), "--vocab_size", "600", *TINY_P1])
