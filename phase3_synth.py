@@ -92,7 +92,8 @@ def parse_args(argv=None):
     if args.init not in ("phase2", "phase3", "phase4"):
         raise UserError(f"--init={args.init}: phase 3 needs a model with vision (phase2, phase3 or phase4)")
     args.out_name = args.out_name or ("phase3_control" if args.synthetic_frac == 0 else "phase3")
-    if args.out_name in ("phase1", "phase2", "phase4", args.init) or os.path.basename(os.path.normpath(args.out_name)) != args.out_name:
+    other_phase = args.out_name in ("phase1", "phase2", "phase4", args.init)
+    if other_phase or os.path.basename(os.path.normpath(args.out_name)) != args.out_name:  # e.g. ../x, a/b
         raise UserError(f"--out_name={args.out_name} would write over another phase's checkpoints or leave {args.out_dir}; "
                         "pick a new folder name such as phase3_b")
     return args
