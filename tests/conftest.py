@@ -79,13 +79,13 @@ def sha(path):
 
 
 def hashes(folder):
-    """sha256 of every .pt under folder (relative path -> hash)."""
+    """sha256 of every file under folder (relative path -> hash): checkpoints, and the tokenizer, token
+    streams, data.json and synthetic corpora they depend on."""
     out = {}
     for d, _, files in os.walk(folder):
         for f in files:
-            if f.endswith(".pt"):
-                p = os.path.join(d, f)
-                out[os.path.relpath(p, folder)] = sha(p)
+            p = os.path.join(d, f)
+            out[os.path.relpath(p, folder)] = sha(p)
     return out
 
 
