@@ -350,12 +350,15 @@ def test_phase3_bad_inputs(tmp_path, world, pipeline, copy_run):
     small = str(tmp_path / "small.npy")
     np.save(small, np.zeros((4, 16, 16, 3), dtype=np.uint8))
     before = hashes(out_of(d))
-    size, long = run_many([
+    size, long, resume = run_many([
         ("phase3_synth.py", ["--world_dir", world, "--out_dir", "out", *TINY_P3, "--images", small], d),
         ("phase3_synth.py", ["--world_dir", world, "--out_dir", "out", *TINY_P3, "--max_caption_tokens", "500"], d),
+        # nothing to resume: refused before the captioning (which used to write synthetic.jsonl first)
+        ("phase3_synth.py", ["--world_dir", world, "--out_dir", "out", *TINY_P3, "--resume"], d),
     ])
     assert_user_error(size, "16x16", "32x32", "resize")
     assert_user_error(long, "500 caption tokens", "max_seq_len", "--max_caption_tokens")
+    assert_user_error(resume, "phase3/last.pt")
     assert hashes(out_of(d)) == before
 
 
