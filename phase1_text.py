@@ -86,6 +86,7 @@ def prepare_data(args, run):
     tok_dir = os.path.join(args.out_dir, "tokens")
     train_path, val_path = (os.path.join(tok_dir, f"phase1_{key}_{s}.npy") for s in ("train", "val"))
     info_path = os.path.join(args.out_dir, "data.json")
+    fingerprint = source_fingerprint(args) if run.master else None  # hashes the corpus: once per call
     if run.master and os.path.exists(tok_path) and os.path.exists(info_path):
         # one tokenizer per out_dir: later phases and checkpoints there depend on it, so never replace it
         info = read_info(info_path)
@@ -95,7 +96,7 @@ def prepare_data(args, run):
         if info.get("requested_vocab", vocab) != vocab:
             raise UserError(f"{args.out_dir} already holds a {info['requested_vocab']}-piece tokenizer; "
                             f"use another --out_dir for --vocab_size={vocab}")
-        if "fingerprint" in info and info["fingerprint"] != source_fingerprint(args):
+        if "fingerprint" in info and info["fingerprint"] != fingerprint:
             raise UserError(f"the text in {source.removeprefix('world:')} changed since {args.out_dir} was prepared "
                             "from it; use another --out_dir (its tokenizer and checkpoints belong to the old text)")
     if run.master and not (os.path.exists(train_path) and os.path.exists(val_path) and os.path.exists(tok_path)):
@@ -121,7 +122,7 @@ def prepare_data(args, run):
         tokenize_lines(val_lines, sp, val_path, BOS, EOS)
         with open(info_path, "w") as f:
             json.dump({"source": source, "vocab_size": sp.get_piece_size(), "requested_vocab": requested,
-                       "fingerprint": source_fingerprint(args), "world_dir": args.world_dir,
+                       "fingerprint": fingerprint, "world_dir": args.world_dir,
                        "data_dir": args.data_dir}, f, indent=1)
     if run.ddp:
         import torch.distributed as dist
