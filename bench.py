@@ -162,7 +162,7 @@ class Trainer:
         self.name = name
         self.model = model.train()
         self.loss_fn = torch.compile(loss_fn) if compile else loss_fn
-        self.opt = make_optimizer([(model.parameters(), LR)], WEIGHT_DECAY, BETAS, run.device_type)
+        self.opt = make_optimizer([(model.named_parameters(), LR)], WEIGHT_DECAY, BETAS, run.device_type)
         self.run = run
         self.times = []
         self.last_loss = None

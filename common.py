@@ -147,23 +147,107 @@ def lr_at(step, max_lr, total_steps, warmup, min_lr_frac=0.1):
     return max_lr * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def make_optimizer(groups, weight_decay, betas, device_type):
+def orthogonalize(G, steps=5):
+    """Muon's quintic Newton-Schulz iteration: maps G = U S V^T (batched over leading dims) to roughly
+    U V^T, every singular value pushed near 1, with matmuls only (Jordan et al. 2024). bf16 on GPU;
+    fp32 on CPU, where bf16 matmuls are ~100x slower."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.bfloat16() if G.is_cuda else G.float()
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT  # iterate on the wide side: (m, m) Gram matrices with m the smaller dimension
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return (X.mT if tall else X).to(G.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum, then orthogonalize the update of each weight matrix (Muon, Jordan et al. 2024), for
+    the 2-D weights of linear layers. A group's 'parts' splits a fused matrix (q|k|v, gate|up)
+    into the matrices it stands for. Updates are scaled to AdamW's RMS (0.2 sqrt(max dim), Liu et al.
+    2025), so AdamW's learning rates carry over."""
+
+    def __init__(self, param_groups, momentum=0.95):
+        super().__init__(param_groups, dict(momentum=momentum, weight_decay=0.0, parts=1))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            mu = group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - mu)
+                g = p.grad.lerp(buf, mu)  # Nesterov momentum
+                k = group["parts"]
+                u = orthogonalize(g.view(k, p.size(0) // k, p.size(1))).view_as(p)  # (k, out/k, in) -> (out, in)
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(u, alpha=-group["lr"] * 0.2 * max(p.size(0) // k, p.size(1)) ** 0.5)
+
+
+class Optimizers:
+    """Several optimizers stepped, scheduled and checkpointed as one (Muon for the linear layers'
+    matrices, AdamW for the rest)."""
+
+    def __init__(self, **optimizers):
+        self.optimizers = {k: o for k, o in optimizers.items() if o is not None}
+
+    @property
+    def param_groups(self):
+        return [g for o in self.optimizers.values() for g in o.param_groups]
+
+    def step(self):
+        for o in self.optimizers.values():
+            o.step()
+
+    def zero_grad(self, set_to_none=True):
+        for o in self.optimizers.values():
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {k: o.state_dict() for k, o in self.optimizers.items()}
+
+    def load_state_dict(self, state):
+        if set(state) != set(self.optimizers):
+            raise ValueError(f"optimizer state holds {sorted(state)}, expected {sorted(self.optimizers)}")
+        for k, o in self.optimizers.items():
+            o.load_state_dict(state[k])
+
+
+def make_optimizer(groups, weight_decay, betas, device_type, muon_scale=0.0):
     """AdamW with weight decay on matrices only (linear and embedding weights; never norms or biases,
-    as in nanoGPT). groups: list of (params, lr) pairs; each gets its own LR
-    (stored as 'base_lr' so the schedule can scale every group the same way)."""
-    param_groups = []
-    for params, lr in groups:
-        params = [p for p in params if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
+    as in nanoGPT). groups: list of (named_parameters, lr) pairs; each gets its own LR (stored as
+    'base_lr' so the schedule can scale every group the same way).
+    muon_scale > 0: the 2-D weights of linear layers (not the token embedding or output head) go to
+    Muon instead, at muon_scale x their group's LR; AdamW keeps embeddings, convs, norms and biases."""
+    adamw_groups, muon_groups = [], []
+    for named, lr in groups:
+        named = [(n, p) for n, p in named if p.requires_grad]
+        to_muon = [(n, p) for n, p in named if muon_scale > 0 and p.dim() == 2 and not n.endswith(("tok_emb.weight", "head.weight"))]
+        for n, p in to_muon:  # fused q|k|v and gate|up matrices are orthogonalised as the 3 or 2 they hold
+            parts = 3 if "qkv" in n else 2 if "gate_up" in n else 1
+            muon_groups.append({"params": [p], "parts": parts, "weight_decay": weight_decay,
+                                "lr": lr * muon_scale, "base_lr": lr * muon_scale})
+        rest = [p for n, p in named if all(p is not q for _, q in to_muon)]
+        decay = [p for p in rest if p.dim() >= 2]
+        no_decay = [p for p in rest if p.dim() < 2]
         if decay:
-            param_groups.append({"params": decay, "weight_decay": weight_decay, "lr": lr, "base_lr": lr})
+            adamw_groups.append({"params": decay, "weight_decay": weight_decay, "lr": lr, "base_lr": lr})
         if no_decay:
-            param_groups.append({"params": no_decay, "weight_decay": 0.0, "lr": lr, "base_lr": lr})
-    if not param_groups:
+            adamw_groups.append({"params": no_decay, "weight_decay": 0.0, "lr": lr, "base_lr": lr})
+    if not adamw_groups and not muon_groups:
         raise UserError("nothing to train: every part of the model is frozen")
     fused = device_type == "cuda"  # one kernel for the whole update on GPU
-    return torch.optim.AdamW(param_groups, betas=betas, fused=fused)
+    adamw = torch.optim.AdamW(adamw_groups, betas=betas, fused=fused) if adamw_groups else None
+    if not muon_groups:
+        return adamw
+    return Optimizers(adamw=adamw, muon=Muon(muon_groups))
 
 
 def set_lr(optimizer, scale):

@@ -268,7 +268,7 @@ def main(argv=None):
         cfg = DecoderConfig(vocab_size=vocab, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
                             max_seq_len=args.seq_len, tie_embeddings=not args.untied)
     model = Decoder(cfg).to(run.device)
-    optimizer = make_optimizer([(model.parameters(), args.lr)], args.weight_decay, (0.9, 0.95), run.device_type)
+    optimizer = make_optimizer([(model.named_parameters(), args.lr)], args.weight_decay, (0.9, 0.95), run.device_type)
     if args.resume:
         check_resume_flags(ckpt, args, last_path, ("batch_size", "seq_len", "eval_iters"))  # what val loss means
         model.load_state_dict(ckpt["model"])

@@ -52,9 +52,11 @@ def parse_args(argv=None):
     p.add_argument("--length_groups", type=int, default=2,
                    help="cut each batch, sorted by caption length, into this many micro-batches (less padding)")
     p.add_argument("--batch_size", type=int, default=32, help="32 x 720 steps beat 64 x 360 at equal compute (41 vs 17 percent exact captions)")
-    p.add_argument("--max_steps", type=int, default=1000, help="1000: ~5 min on 2 CPU cores, 24-41%% exact captions; 2500: 13 min, 77%% (README)")
+    p.add_argument("--max_steps", type=int, default=650, help="650: under 5 min on 2 CPU cores, ~67%% exact captions; 1000: ~83%% (README)")
     p.add_argument("--lr_new", type=float, default=1e-3, help="ViT + projector")
     p.add_argument("--lr_decoder", type=float, default=1e-3, help="the pretrained phase 1 decoder")
+    p.add_argument("--muon_scale", type=float, default=4.0,
+                   help="Muon for the linear layers' matrices at this x their part's lr; 0 = AdamW for all (README)")
     p.add_argument("--freeze_decoder", action="store_true")
     p.add_argument("--freeze_vit", action="store_true")
     p.add_argument("--warmup", type=int, default=100)
@@ -78,6 +80,7 @@ def parse_args(argv=None):
     check_range("text_frac", args.text_frac, lo=0, hi=0.5)  # every round(1/frac)-th step: 0.5 = every other one
     check_range("weight_decay", args.weight_decay, lo=0)
     check_range("grad_clip", args.grad_clip, lo=0)
+    check_range("muon_scale", args.muon_scale, lo=0)
     if args.patch_size < 2 or args.patch_size & (args.patch_size - 1):
         raise UserError(f"--patch_size={args.patch_size} must be a power of two, at least 2 (the conv stem halves it per conv)")
     for name in ("lr_new", "lr_decoder"):
@@ -206,11 +209,13 @@ def main(argv=None):
         p.requires_grad_(not args.freeze_decoder)
     for p in model.vit.parameters():
         p.requires_grad_(not args.freeze_vit)
-    groups = [(list(model.vit.parameters()) + list(model.projector.parameters()), args.lr_new),
-              (model.decoder.parameters(), args.lr_decoder)]
-    optimizer = make_optimizer(groups, args.weight_decay, (0.9, 0.95), run.device_type)
+    groups = [(list(model.vit.named_parameters()) + list(model.projector.named_parameters()), args.lr_new),
+              (model.decoder.named_parameters(), args.lr_decoder)]
+    optimizer = make_optimizer(groups, args.weight_decay, (0.9, 0.95), run.device_type, args.muon_scale)
     if args.resume:
-        check_resume_flags(ckpt, args, last_path, ("freeze_decoder", "freeze_vit", "batch_size", "eval_batches"))
+        ckpt["args"].setdefault("muon_scale", 0.0)  # phase 2 runs from before Muon used AdamW only
+        check_resume_flags(ckpt, args, last_path,
+                           ("freeze_decoder", "freeze_vit", "batch_size", "eval_batches", "muon_scale"))
         resume_training(ckpt, optimizer, {"data": gen}, last_path)
         step, best_val = ckpt["step"], ckpt["best_val"]
         if run.master:

@@ -249,7 +249,7 @@ def main(argv=None):
     for p in list(model.vit.parameters()) + list(model.projector.parameters()):
         p.requires_grad_(False)
     decoder = model.decoder
-    optimizer = make_optimizer([(decoder.parameters(), args.lr)], args.weight_decay, (0.9, 0.95), run.device_type)
+    optimizer = make_optimizer([(decoder.named_parameters(), args.lr)], args.weight_decay, (0.9, 0.95), run.device_type)
     gen = torch.Generator().manual_seed(args.seed)
     step, best_val = 0, float("inf")
     if args.resume:

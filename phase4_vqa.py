@@ -247,8 +247,8 @@ def main(argv=None):
         p.requires_grad_(not args.freeze_decoder)
     for p in model.vit.parameters():
         p.requires_grad_(not args.freeze_vit)
-    groups = [(list(model.vit.parameters()) + list(model.projector.parameters()), args.lr_vision),
-              (model.decoder.parameters(), args.lr_decoder)]
+    groups = [(list(model.vit.named_parameters()) + list(model.projector.named_parameters()), args.lr_vision),
+              (model.decoder.named_parameters(), args.lr_decoder)]
     optimizer = make_optimizer(groups, args.weight_decay, (0.9, 0.95), run.device_type)
     if args.resume:
         check_resume_flags(ckpt, args, last_path, ("freeze_decoder", "freeze_vit", "batch_size", "eval_batches"))

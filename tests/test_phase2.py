@@ -68,7 +68,8 @@ def test_frozen_decoder_stays_bit_identical(world, phase1_dir, copy_run):
     for k, v in phase1.items():
         assert torch.equal(last["model"][f"decoder.{k}"], v), k
     fresh = [k for k in last["model"] if k.startswith("vit.")]
-    assert fresh and last["optimizer"]["state"], "the ViT + projector should have trained"
+    opt = last["optimizer"]  # Muon for the ViT's and projector's matrices, AdamW for the rest
+    assert fresh and opt["muon"]["state"] and opt["adamw"]["state"], "the ViT + projector should have trained"
 
 
 def test_length_groups_give_the_same_loss_curve(world, phase1_dir, copy_run):

@@ -324,23 +324,27 @@ def test_an_out_dir_keeps_its_tokenizer(world, phase1_dir, copy_run):
 
 def test_resume_mismatches(world, pipeline, copy_run):
     """Resuming past --max_steps ends at once instead of never; a longer --seq_len than the model has, other
-    freeze flags or another batch size than the run had, is one clear line; phase 2 is never written."""
+    freeze flags, another batch size or another optimizer than the run had, is one clear line; phase 2 is
+    never written."""
     d = copy_run(pipeline)
     p2 = hashes(out_of(d, "phase2"))
     p1 = sha(out_of(d, "phase1", "best.pt"))
-    past, seq, frozen, batch = run_many([
+    past, seq, frozen, batch, adamw = run_many([
         ("phase1_text.py", ["--world_dir", world, "--out_dir", "out", "--resume", *TINY_P1, "--max_steps", "10"], d),
         ("phase1_text.py", ["--world_dir", world, "--out_dir", "out", "--resume", *TINY_P1, "--seq_len=256"], d),
         ("phase2_caption.py", ["--world_dir", world, "--out_dir", "out", "--resume", *TINY_P2, "--freeze_decoder"], d),
         # val loss is the mean over eval_batches x batch_size images: another size would make best.pt's
         # comparison with the saved best val loss meaningless
         ("phase2_caption.py", ["--world_dir", world, "--out_dir", "out", "--resume", *TINY_P2, "--batch_size", "4"], d),
+        # Muon's momentum cannot continue as AdamW moments (nor the other way round)
+        ("phase2_caption.py", ["--world_dir", world, "--out_dir", "out", "--resume", *TINY_P2, "--muon_scale", "0"], d),
     ])
     assert_ok(past)
     assert "resumed from" in past.stdout and f"step {P1_STEPS}" in past.stdout
     assert_user_error(seq, "--seq_len=256", "max_seq_len=64", "--seq_len 64")
     assert_user_error(frozen, "phase2/last.pt", "without --freeze_decoder", "resume the same way")
     assert_user_error(batch, "phase2/last.pt", "with --batch_size 8", "resume the same way")
+    assert_user_error(adamw, "phase2/last.pt", "with --muon_scale 4.0", "resume the same way")
     assert hashes(out_of(d, "phase2")) == p2
     assert sha(out_of(d, "phase1", "best.pt")) == p1
 
@@ -652,11 +656,11 @@ def test_resume_keeps_this_runs_hyperparameters():
     from common import UserError, make_optimizer, resume_training, rng_state
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
-    old = make_optimizer([(model.parameters(), 3e-3)], 0.1, (0.9, 0.95), "cpu")
+    old = make_optimizer([(model.named_parameters(), 3e-3)], 0.1, (0.9, 0.95), "cpu")
     model(torch.randn(5, 4)).sum().backward()
     old.step()
     ckpt = {"optimizer": old.state_dict(), "rng": rng_state({})}
-    new = make_optimizer([(model.parameters(), 1e-4)], 0.0, (0.9, 0.95), "cpu")
+    new = make_optimizer([(model.named_parameters(), 1e-4)], 0.0, (0.9, 0.95), "cpu")
     resume_training(ckpt, new, {}, "last.pt")
     assert {(g["lr"], g["base_lr"], g["weight_decay"]) for g in new.param_groups} == {(1e-4, 1e-4, 0.0)}
     assert torch.equal(new.state[model.weight]["exp_avg"], old.state[model.weight]["exp_avg"])
