@@ -169,8 +169,8 @@ class Muon(torch.optim.Optimizer):
     into the matrices it stands for. Updates are scaled to AdamW's RMS (0.2 sqrt(max dim), Liu et al.
     2025), so AdamW's learning rates carry over."""
 
-    def __init__(self, param_groups, momentum=0.95):
-        super().__init__(param_groups, dict(momentum=momentum, weight_decay=0.0, parts=1))
+    def __init__(self, param_groups, lr=1e-3, momentum=0.95, weight_decay=0.0):
+        super().__init__(param_groups, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, parts=1))
 
     @torch.no_grad()
     def step(self):
@@ -186,9 +186,13 @@ class Muon(torch.optim.Optimizer):
                 buf.lerp_(p.grad, 1 - mu)
                 g = p.grad.lerp(buf, mu)  # Nesterov momentum
                 k = group["parts"]
-                u = orthogonalize(g.view(k, p.size(0) // k, p.size(1))).view_as(p)  # (k, out/k, in) -> (out, in)
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                p.add_(u, alpha=-group["lr"] * 0.2 * max(p.size(0) // k, p.size(1)) ** 0.5)
+                rows, cols = p.size(0) // k, p.size(1)
+                u = orthogonalize(g.view(k, rows, cols)).view_as(p)  # (k, out/k, in) -> (out, in)
+                # an orthogonal (rows, cols) matrix has RMS 1/sqrt(max(rows, cols)); AdamW's updates have
+                # RMS ~0.2, so this scale lets AdamW's learning rates carry over
+                adamw_rms_scale = 0.2 * max(rows, cols) ** 0.5
+                p.mul_(1 - group["lr"] * group["weight_decay"])  # decoupled weight decay, as in AdamW
+                p.add_(u, alpha=-group["lr"] * adamw_rms_scale)
 
 
 class Optimizers:
@@ -225,16 +229,19 @@ def make_optimizer(groups, weight_decay, betas, device_type, muon_scale=0.0):
     as in nanoGPT). groups: list of (named_parameters, lr) pairs; each gets its own LR (stored as
     'base_lr' so the schedule can scale every group the same way).
     muon_scale > 0: the 2-D weights of linear layers (not the token embedding or output head) go to
-    Muon instead, at muon_scale x their group's LR; AdamW keeps embeddings, convs, norms and biases."""
+    Muon instead, at muon_scale x their group's LR (weight decay too acts at that LR); AdamW keeps
+    embeddings, convs, norms and biases."""
     adamw_groups, muon_groups = [], []
     for named, lr in groups:
         named = [(n, p) for n, p in named if p.requires_grad]
-        to_muon = [(n, p) for n, p in named if muon_scale > 0 and p.dim() == 2 and not n.endswith(("tok_emb.weight", "head.weight"))]
-        for n, p in to_muon:  # fused q|k|v and gate|up matrices are orthogonalised as the 3 or 2 they hold
-            parts = 3 if "qkv" in n else 2 if "gate_up" in n else 1
-            muon_groups.append({"params": [p], "parts": parts, "weight_decay": weight_decay,
-                                "lr": lr * muon_scale, "base_lr": lr * muon_scale})
-        rest = [p for n, p in named if all(p is not q for _, q in to_muon)]
+        to_muon = {}
+        for n, p in named:
+            if muon_scale > 0 and p.dim() == 2 and not n.endswith(("tok_emb.weight", "head.weight")):
+                to_muon[id(p)] = p
+                parts = 3 if "qkv" in n else 2 if "gate_up" in n else 1  # fused q|k|v, gate|up: 3 or 2 matrices
+                muon_groups.append({"params": [p], "parts": parts, "weight_decay": weight_decay,
+                                    "lr": lr * muon_scale, "base_lr": lr * muon_scale})
+        rest = [p for n, p in named if id(p) not in to_muon]
         decay = [p for p in rest if p.dim() >= 2]
         no_decay = [p for p in rest if p.dim() < 2]
         if decay:

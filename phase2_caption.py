@@ -52,11 +52,12 @@ def parse_args(argv=None):
     p.add_argument("--length_groups", type=int, default=2,
                    help="cut each batch, sorted by caption length, into this many micro-batches (less padding)")
     p.add_argument("--batch_size", type=int, default=32, help="32 x 720 steps beat 64 x 360 at equal compute (41 vs 17 percent exact captions)")
-    p.add_argument("--max_steps", type=int, default=650, help="650: under 5 min on 2 CPU cores, ~67%% exact captions; 1000: ~83%% (README)")
+    p.add_argument("--max_steps", type=int, default=600, help="600: under 5 min on 2 CPU cores, ~62%% exact captions; 1000: ~83%% (README)")
     p.add_argument("--lr_new", type=float, default=1e-3, help="ViT + projector")
     p.add_argument("--lr_decoder", type=float, default=1e-3, help="the pretrained phase 1 decoder")
     p.add_argument("--muon_scale", type=float, default=4.0,
-                   help="Muon for the linear layers' matrices at this x their part's lr; 0 = AdamW for all (README)")
+                   help="Muon for the linear layers' matrices at this x their part's lr (and weight decay at that lr); "
+                        "0 = AdamW for all (README)")
     p.add_argument("--freeze_decoder", action="store_true")
     p.add_argument("--freeze_vit", action="store_true")
     p.add_argument("--warmup", type=int, default=100)
@@ -213,9 +214,11 @@ def main(argv=None):
               (model.decoder.named_parameters(), args.lr_decoder)]
     optimizer = make_optimizer(groups, args.weight_decay, (0.9, 0.95), run.device_type, args.muon_scale)
     if args.resume:
-        ckpt["args"].setdefault("muon_scale", 0.0)  # phase 2 runs from before Muon used AdamW only
-        check_resume_flags(ckpt, args, last_path,
-                           ("freeze_decoder", "freeze_vit", "batch_size", "eval_batches", "muon_scale"))
+        check_resume_flags(ckpt, args, last_path, ("freeze_decoder", "freeze_vit", "batch_size", "eval_batches"))
+        saved = ckpt["args"].get("muon_scale", 0.0)  # phase 2 runs from before Muon used AdamW only
+        if (saved > 0) != (args.muon_scale > 0):  # another scale is only another LR, but the states differ
+            raise UserError(f"{last_path} was trained with --muon_scale {saved}; resume with Muon "
+                            f"{'on' if saved > 0 else 'off'}, as it was")
         resume_training(ckpt, optimizer, {"data": gen}, last_path)
         step, best_val = ckpt["step"], ckpt["best_val"]
         if run.master:

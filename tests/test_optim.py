@@ -66,14 +66,20 @@ def test_make_optimizer_gives_linear_matrices_to_muon_and_the_rest_to_adamw():
     assert muon["decoder.blocks.0.mlp.down.weight"]["base_lr"] == pytest.approx(8e-4)
     # AdamW keeps the (tied) embedding, the conv stem, norms and biases
     assert "decoder.tok_emb.weight" in adamw and any(n.startswith("vit.patch.") for n in adamw)
+    # an untied output head, like the token embedding, stays with AdamW
+    untied = VLM(DecoderConfig(vocab_size=64, n_layer=1, n_head=2, d_model=32, tie_embeddings=False), ViTConfig())
+    opt = make_optimizer([(untied.named_parameters(), 1e-3)], 0.1, (0.9, 0.95), "cpu", muon_scale=4.0)
+    in_muon = {id(g["params"][0]) for g in opt.optimizers["muon"].param_groups}
+    assert id(untied.decoder.head.weight) not in in_muon and id(untied.decoder.tok_emb.weight) not in in_muon
+    assert id(untied.decoder.blocks[0].mlp.down.weight) in in_muon
     # muon_scale 0 is the plain AdamW of phases 1, 3 and 4
     assert isinstance(make_optimizer([(model.named_parameters(), 1e-3)], 0.1, (0.9, 0.95), "cpu"), torch.optim.AdamW)
 
 
 def test_a_muon_step_orthogonalises_each_part_of_a_fused_matrix():
     """The update of a q|k|v weight is three orthogonalised blocks, scaled to AdamW's RMS
-    (0.2 sqrt(max dim)); orthogonalising the fused (3d, d) matrix as one would leave each block's
-    singular values near 1/sqrt(3)."""
+    (0.2 sqrt(max dim)). The gradient's blocks differ 100-fold in scale: orthogonalising the fused
+    (3d, d) matrix as one would give the largest block nearly all of the update."""
     torch.manual_seed(0)
     d, lr = 32, 0.01
     w = torch.nn.Parameter(torch.randn(3 * d, d))

@@ -344,7 +344,7 @@ def test_resume_mismatches(world, pipeline, copy_run):
     assert_user_error(seq, "--seq_len=256", "max_seq_len=64", "--seq_len 64")
     assert_user_error(frozen, "phase2/last.pt", "without --freeze_decoder", "resume the same way")
     assert_user_error(batch, "phase2/last.pt", "with --batch_size 8", "resume the same way")
-    assert_user_error(adamw, "phase2/last.pt", "with --muon_scale 4.0", "resume the same way")
+    assert_user_error(adamw, "phase2/last.pt", "with --muon_scale 4.0", "resume with Muon on")
     assert hashes(out_of(d, "phase2")) == p2
     assert sha(out_of(d, "phase1", "best.pt")) == p1
 
