@@ -52,7 +52,7 @@ def parse_args(argv=None):
     p.add_argument("--length_groups", type=int, default=2,
                    help="cut each batch, sorted by caption length, into this many micro-batches (less padding)")
     p.add_argument("--batch_size", type=int, default=32, help="32 x 720 steps beat 64 x 360 at equal compute (41 vs 17 percent exact captions)")
-    p.add_argument("--max_steps", type=int, default=600, help="600: under 5 min on 2 CPU cores, ~62%% exact captions; 1000: ~83%% (README)")
+    p.add_argument("--max_steps", type=int, default=600, help="600: under 5 min on 2 CPU cores, 61-67%% exact captions; 1000: ~83%% (README)")
     p.add_argument("--lr_new", type=float, default=1e-3, help="ViT + projector")
     p.add_argument("--lr_decoder", type=float, default=1e-3, help="the pretrained phase 1 decoder")
     p.add_argument("--muon_scale", type=float, default=4.0,
