@@ -4,7 +4,9 @@ Phase 2: connect vision.
 A small ViT (trained from scratch) and a projector turn each image into a few tokens that prefix the
 phase 1 decoder; the whole thing learns to caption labeled images, with the loss on caption tokens
 only. New modules get a high learning rate, the pretrained decoder a lower one (either can be frozen),
-and a fraction of steps replay phase 1 text so language is not forgotten.
+and a fraction of steps replay phase 1 text so language is not forgotten. The linear layers' weight
+matrices learn with Muon (orthogonalised momentum updates, common.Muon), the rest with AdamW: in the
+same 5 CPU minutes, that lifts exact captions from ~30% (AdamW for all) to ~65%.
 
     python phase2_caption.py                       # after phase1_text.py, built-in world
     python phase2_caption.py --coco_dir ../shared/data/coco_mini   # COCO captions format
