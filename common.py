@@ -234,10 +234,10 @@ def make_optimizer(groups, weight_decay, betas, device_type, muon_scale=0.0):
     adamw_groups, muon_groups = [], []
     for named, lr in groups:
         named = [(n, p) for n, p in named if p.requires_grad]
-        to_muon = {}
+        to_muon = set()  # ids of the parameters Muon takes
         for n, p in named:
             if muon_scale > 0 and p.dim() == 2 and not n.endswith(("tok_emb.weight", "head.weight")):
-                to_muon[id(p)] = p
+                to_muon.add(id(p))
                 parts = 3 if "qkv" in n else 2 if "gate_up" in n else 1  # fused q|k|v, gate|up: 3 or 2 matrices
                 muon_groups.append({"params": [p], "parts": parts, "weight_decay": weight_decay,
                                     "lr": lr * muon_scale, "base_lr": lr * muon_scale})
