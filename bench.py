@@ -53,6 +53,9 @@ def parse_args(argv=None):
     p.add_argument("--seq_len", type=int, default=None, help="training sequence length (caption length for vlm)")
     p.add_argument("--skip_hf", action="store_true", help="do not compare with transformers' Llama")
     p.add_argument("--skip_gen", action="store_true", help="training only")
+    p.add_argument("--plain_loss_too", action="store_true",
+                   help="CPU: also time our training step with the LM head + loss over all logits at once "
+                        "(model.CHUNKED_HEAD_LOSS off), interleaved with the others")
     p.add_argument("--gemm", action="store_true",
                    help="CPU: only time the config's matmul shapes, torch's default F.linear vs model.Linear's oneDNN op")
     p.add_argument("--seed", type=int, default=1337)
@@ -244,6 +247,18 @@ def bench(args, cfg, run):
     else:
         model_c = torch.compile(ours) if args.compile else ours
         trainers = [Trainer("ours", ours, lambda: model_c(x, y)[1], run, False)]
+        if args.plain_loss_too:
+            import copy
+            import model
+            plain = copy.deepcopy(ours)  # same weights; tied embedding stays tied
+
+            def plain_loss():
+                model.CHUNKED_HEAD_LOSS = False  # read in forward only: backward needs no switch
+                try:
+                    return plain(x, y)[1]
+                finally:
+                    model.CHUNKED_HEAD_LOSS = True
+            trainers.append(Trainer("ours_plain_loss", plain, plain_loss, run, False))
         flops_step = B * T * ours.flops_per_token(T)
 
     hf = None
@@ -281,8 +296,8 @@ def bench(args, cfg, run):
         res["peak_mem_mib"] = max_rss_mib()
         res["peak_mem_label"] = "process max RSS (resource.getrusage) after our training warmup, before any HF step"
 
-    if hf is not None:
-        peaks["hf"] = warmup(trainers[1], cfg["warmup"], run)
+    for tr in trainers[1:]:
+        peaks[tr.name] = warmup(tr, cfg["warmup"], run)
 
     interleave(trainers, cfg["steps"])
     if run.device_type == "cpu":  # best of the samples before and after training
@@ -301,6 +316,8 @@ def bench(args, cfg, run):
         # same weights, data, optimizer and step count: the losses agree (to fp rounding) or the
         # comparison is not like for like
         res["train_loss_diff"] = abs(res["train_ours"]["loss"] - res["train_hf"]["loss"])
+    if "train_ours_plain_loss" in res:
+        res["chunked_loss_speedup"] = res["train_ours"]["tok_s"] / res["train_ours_plain_loss"]["tok_s"]
     for tr in trainers:  # free optimizer state before generation
         tr.opt = None
     if not args.skip_gen:
@@ -456,6 +473,10 @@ def print_table(res):
                               + (f" | MFU {100 * h['mfu']:.1f}%" if h["mfu"] is not None else ""))
         add("train ours / HF", f"{res['train_ratio']:.2f}x  (loss after {tr['steps_timed'] + res['warmup']} steps: "
                                f"ours {tr['loss']:.6f}, HF {h['loss']:.6f})")
+    if "train_ours_plain_loss" in res:
+        pl = res["train_ours_plain_loss"]
+        add("train ours, plain loss", f"{fmt_num(pl['tok_s'])} tok/s | {pl['ms_step']:.1f} ms/step  (chunked head loss "
+                                      f"{res['chunked_loss_speedup']:.2f}x faster; loss {pl['loss']:.6f})")
     if "gen" in res:
         gen = res["gen"]
         for Bg, r in gen["by_batch"].items():
@@ -486,6 +507,8 @@ def main():
         cpu_matmul_peak()  # measure the CPU's peak before anything else loads the machine
     if args.compile and run.device_type != "cuda":
         print("note: --compile on CPU is allowed but rarely faster here", file=sys.stderr)
+    if args.plain_loss_too and (run.device_type != "cpu" or "vit" in CONFIGS[args.config]):
+        raise UserError("--plain_loss_too compares the decoder's CPU loss paths: use --device cpu and a text config")
     if args.gemm:
         if run.device_type != "cpu":
             raise UserError("--gemm compares CPU matmul libraries: run it with --device cpu")

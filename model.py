@@ -77,6 +77,20 @@ def _onednn_works():
 ONEDNN = _onednn_works()
 
 
+def eager_cpu_fp32(x, weight):
+    """True where this file's CPU fast paths apply: fp32 on the CPU, eager mode (GPUs, other dtypes, CPU
+    autocast and torch.compile, which picks its own kernels, keep plain PyTorch)."""
+    return (x.is_cpu and x.dtype == torch.float32 and weight.dtype == torch.float32
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+
+
+def cpu_linear(x, weight):
+    """x @ weight.T for a 2-D x, on oneDNN where model.Linear would use it, else F.linear."""
+    if ONEDNN and torch.backends.mkldnn.enabled and x.size(0) >= 64 and eager_cpu_fp32(x, weight):
+        return onednn_linear(x, weight)
+    return F.linear(x, weight)
+
+
 class Linear(nn.Linear):
     """nn.Linear (same parameters, same checkpoints) whose fp32 CPU matmuls run on oneDNN instead of
     MKL, torch's default. On the 2-core AMD EPYC this project is developed on, oneDNN's fp32 GEMM is
@@ -85,12 +99,10 @@ class Linear(nn.Linear):
     its own kernels) and `torch.backends.mkldnn.flags(enabled=False)` keep F.linear."""
 
     def forward(self, x):
-        fp32 = x.dtype == torch.float32 and self.weight.dtype == torch.float32
         # under 64 rows (e.g. decoding a few sequences) oneDNN's ~20 us fixed cost per call outweighs its
         # faster kernel: up to 2x slower than MKL at 1-8 rows, about even at 32-64
         enough_rows = x.numel() >= 64 * x.size(-1) > 0
-        if not (ONEDNN and torch.backends.mkldnn.enabled and x.is_cpu and fp32 and enough_rows
-                and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+        if not (ONEDNN and torch.backends.mkldnn.enabled and enough_rows and eager_cpu_fp32(x, self.weight)):
             return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(-1, x.size(-1))  # (N, in)
         if torch.is_grad_enabled():
@@ -98,6 +110,60 @@ class Linear(nn.Linear):
         else:  # inference: the op itself, without autograd's bookkeeping
             y = onednn_linear(x2, self.weight, self.bias)
         return y.view(*x.shape[:-1], y.size(-1))
+
+
+CHUNKED_HEAD_LOSS = True  # False: CPU training too forms all logits (bench.py --plain_loss_too times both)
+
+
+class _ChunkedHeadLoss(torch.autograd.Function):
+    """Mean cross entropy of the logits x @ W.T (the LM head) against targets (-1 = no loss), for fp32
+    CPU training, without the (N, vocab) logits ever existing whole. Each chunk of rows makes its
+    logits, its loss and at once its gradient (softmax minus one-hot) while they are still in cache, so
+    backward only rescales. Same loss and gradients as F.cross_entropy(x @ W.T, targets) to float
+    rounding, without the 64 MB of logits (and as much again of their gradient) of a 4096-row x
+    4096-vocab batch; a whole training step of bench.py's cpu config is ~1.09x faster for it
+    (`python bench.py --device cpu --plain_loss_too`). The idea of the "fused linear cross entropy"
+    kernels written for GPUs, here with plain torch ops."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets):
+        N = x.size(0)
+        keep = targets >= 0
+        rows = None
+        if not bool(keep.all()):  # rows without a target (prompts, padding) never reach a matmul
+            rows = keep.nonzero().squeeze(1)
+            x, targets = x.index_select(0, rows), targets.index_select(0, rows)
+        want_x, want_w = ctx.needs_input_grad[:2]
+        chunk = max(64, 2 ** 21 // weight.size(0))  # ~2M logits (8 MB) per chunk: 512 rows at vocab 4096
+        total = x.new_zeros(())
+        gx = torch.empty_like(x) if want_x else None
+        gw = torch.zeros_like(weight) if want_w else None
+        w_t = weight.t().contiguous() if want_x else None  # (D, V): p @ W written as a linear layer
+        logp = x.new_empty(min(chunk, x.size(0)), weight.size(0))
+        for i in range(0, x.size(0), chunk):
+            xc, tc = x[i:i + chunk], targets[i:i + chunk, None]  # (c, D), (c, 1)
+            logits = cpu_linear(xc, weight)  # (c, V)
+            lp = torch.log_softmax(logits, dim=1, out=logp[:xc.size(0)])
+            total -= lp.gather(1, tc).sum()
+            # d(sum of losses)/d(logits) = softmax - one-hot, written over the logits
+            p = torch.softmax(logits, dim=1, out=logits)
+            p.scatter_add_(1, tc, torch.full_like(tc, -1, dtype=p.dtype))
+            if want_x:
+                gx[i:i + chunk] = cpu_linear(p, w_t)  # (c, D)
+            if want_w:
+                gw.addmm_(p.t(), xc)  # (V, D)
+        if rows is not None and want_x:
+            gx = x.new_zeros(N, x.size(1)).index_copy_(0, rows, gx)
+        ctx.save_for_backward(gx, gw)
+        ctx.n = x.size(0)  # rows that carry a loss: the mean's denominator
+        return total / ctx.n
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        gx, gw = ctx.saved_tensors
+        scale = g / ctx.n
+        return (None if gx is None else gx * scale), (None if gw is None else gw * scale), None
 
 
 def rope_tables(head_dim, max_len, theta=10000.0):
@@ -299,7 +365,8 @@ class Decoder(nn.Module):
         """idx: (B, T) token ids. prefix: optional (B, P, D) embeddings placed before the tokens
         (image tokens); they get no logits and so never carry loss. targets: (B, T) ids aligned
         with idx (the next token of each position), -1 where no loss is wanted.
-        Returns (logits for the T token positions, mean loss or None)."""
+        Returns (logits of the last position, None) without targets, (None, mean loss) with them: the
+        loss may be computed without ever forming all the logits (all_logits gives them)."""
         x = self.tok_emb(idx)  # (B, T, D)
         if prefix is not None:
             x = torch.cat([prefix.to(x.dtype), x], dim=1)  # (B, P+T, D)
@@ -321,9 +388,11 @@ class Decoder(nn.Module):
         x = self.norm(x)
         if targets is None:
             return self.head(x[:, -1:]).float(), None  # inference: only the last position is needed
-        logits = self.head(x).float()
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        w = self.head.weight
+        if CHUNKED_HEAD_LOSS and torch.is_grad_enabled() and eager_cpu_fp32(x, w):  # CPU training
+            return None, _ChunkedHeadLoss.apply(x.reshape(-1, x.size(-1)), w, targets.reshape(-1))
+        logits = self.head(x).float()  # (B, T, V)
+        return None, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
     def all_logits(self, idx, prefix=None):
         """Logits at every token position (for scoring sentences and tests), no loss."""

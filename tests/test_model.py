@@ -49,7 +49,8 @@ def test_ignore_index_masks_loss():
     y = torch.randint(0, 97, (2, 10))
     y_masked = y.clone()
     y_masked[:, :5] = -1
-    logits, loss = m(x, y_masked)
+    logits = m.all_logits(x)
+    _, loss = m(x, y_masked)
     ref = torch.nn.functional.cross_entropy(logits[:, 5:].reshape(-1, 97), y[:, 5:].reshape(-1))
     assert torch.allclose(loss, ref, atol=1e-6)
 
@@ -157,8 +158,9 @@ def test_vlm_shapes_and_prefix_carries_no_loss():
     assert m.encode_images(images).shape == (2, 4, 64)  # merged 2x2 -> 4 decoder tokens
     idx = torch.randint(0, 97, (2, 7))
     y = torch.randint(0, 97, (2, 7))
-    logits, loss = m(images, idx, y)
+    logits = m.all_logits(images, idx)
     assert logits.shape == (2, 7, 97)  # logits only for the text positions
+    _, loss = m(images, idx, y)
     ref = torch.nn.functional.cross_entropy(logits.reshape(-1, 97), y.reshape(-1))
     assert torch.allclose(loss, ref, atol=1e-6)
     # the loss depends on the image only through the text positions: masking all text targets
@@ -242,6 +244,37 @@ def test_onednn_linear_matches_f_linear_forward_and_backward(bias):
         gx.sum().backward()
     # a few rows (batch-1 decoding) stay on F.linear: oneDNN's fixed cost per call would dominate
     assert "OneDNN" not in type(lin(torch.randn(2, 5, 48, requires_grad=True)).grad_fn.next_functions[0][0]).__name__
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_chunked_head_loss_matches_cross_entropy(tie):
+    """CPU training computes the LM head + loss in chunks of rows with the gradient formed in forward
+    (model._ChunkedHeadLoss): loss and every gradient must be F.cross_entropy's over all the logits, with
+    rows carrying no target (-1) and a last chunk shorter than the others; under no_grad the plain path
+    gives the same loss; with the embedding frozen only the other gradients are made."""
+    torch.manual_seed(0)
+    m = Decoder(tiny_cfg(vocab_size=8192, tie_embeddings=tie))  # vocab 8192: 256-row chunks
+    x = torch.randint(0, 8192, (10, 60))  # 600 rows: chunks of 256, 256, 88
+    y = torch.randint(0, 8192, (10, 60))
+    y[0, :30] = -1
+    y[3, 40:] = -1
+    params = [p for p in m.parameters() if p.requires_grad]
+    _, loss = m(x, y)
+    assert "ChunkedHeadLoss" in type(loss.grad_fn).__name__
+    grads = torch.autograd.grad(loss, params)
+    ref = torch.nn.functional.cross_entropy(m.all_logits(x).view(-1, 8192), y.view(-1), ignore_index=-1)
+    grads_ref = torch.autograd.grad(ref, params, retain_graph=True)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, y)[1], ref, rtol=1e-5, atol=1e-6)
+    m.tok_emb.weight.requires_grad_(False)
+    m.head.weight.requires_grad_(False)
+    params = [p for p in m.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(m(x, y)[1], params)
+    for a, b in zip(grads, torch.autograd.grad(ref, params)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
 
 
 def test_vlm_flops_count_the_output_layer_for_text_positions_only():
