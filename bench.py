@@ -10,6 +10,7 @@ trained and asked to generate in the same process, interleaved with ours, and th
   python bench.py --config tiny --steps 2 --skip_hf --json out.json   # seconds; used by the tests
 """
 import argparse
+import copy
 import json
 import resource
 import statistics
@@ -247,18 +248,10 @@ def bench(args, cfg, run):
     else:
         model_c = torch.compile(ours) if args.compile else ours
         trainers = [Trainer("ours", ours, lambda: model_c(x, y)[1], run, False)]
-        if args.plain_loss_too:
-            import copy
-            import model
-            plain = copy.deepcopy(ours)  # same weights; tied embedding stays tied
-
-            def plain_loss():
-                model.CHUNKED_HEAD_LOSS = False  # read in forward only: backward needs no switch
-                try:
-                    return plain(x, y)[1]
-                finally:
-                    model.CHUNKED_HEAD_LOSS = True
-            trainers.append(Trainer("ours_plain_loss", plain, plain_loss, run, False))
+        if args.plain_loss_too:  # our model again, same initial weights (the tied embedding stays tied)
+            plain = copy.deepcopy(ours)
+            plain.chunked_head_loss = False  # the LM head + loss over all logits at once
+            trainers.append(Trainer("ours_plain_loss", plain, lambda: plain(x, y)[1], run, False))
         flops_step = B * T * ours.flops_per_token(T)
 
     hf = None
@@ -294,7 +287,8 @@ def bench(args, cfg, run):
         res["peak_mem_label"] = "torch.cuda.max_memory_allocated, training step"
     else:
         res["peak_mem_mib"] = max_rss_mib()
-        res["peak_mem_label"] = "process max RSS (resource.getrusage) after our training warmup, before any HF step"
+        res["peak_mem_label"] = ("process max RSS (resource.getrusage) after our training warmup, before any HF step"
+                                 + (" (--plain_loss_too: with the copy's weights)" if args.plain_loss_too else ""))
 
     for tr in trainers[1:]:
         peaks[tr.name] = warmup(tr, cfg["warmup"], run)
@@ -318,6 +312,7 @@ def bench(args, cfg, run):
         res["train_loss_diff"] = abs(res["train_ours"]["loss"] - res["train_hf"]["loss"])
     if "train_ours_plain_loss" in res:
         res["chunked_loss_speedup"] = res["train_ours"]["tok_s"] / res["train_ours_plain_loss"]["tok_s"]
+        res["chunked_loss_diff"] = abs(res["train_ours"]["loss"] - res["train_ours_plain_loss"]["loss"])
     for tr in trainers:  # free optimizer state before generation
         tr.opt = None
     if not args.skip_gen:
@@ -507,8 +502,9 @@ def main():
         cpu_matmul_peak()  # measure the CPU's peak before anything else loads the machine
     if args.compile and run.device_type != "cuda":
         print("note: --compile on CPU is allowed but rarely faster here", file=sys.stderr)
-    if args.plain_loss_too and (run.device_type != "cpu" or "vit" in CONFIGS[args.config]):
-        raise UserError("--plain_loss_too compares the decoder's CPU loss paths: use --device cpu and a text config")
+    if args.plain_loss_too and (run.device_type != "cpu" or "vit" in CONFIGS[args.config] or args.compile):
+        raise UserError("--plain_loss_too compares the decoder's eager CPU loss paths: "
+                        "use --device cpu, a text config and no --compile")
     if args.gemm:
         if run.device_type != "cpu":
             raise UserError("--gemm compares CPU matmul libraries: run it with --device cpu")

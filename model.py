@@ -3,8 +3,8 @@ The model, in one file: a LLaMA-style decoder, a small ViT, a projector, and the
 vision-language model (VLM) that glues them together, plus KV-cache generation.
 
 Read top to bottom:
-  RMSNorm -> Linear (a CPU speed-up: skip it on a first read) -> rotary embeddings -> Attention
-  -> SwiGLU -> Block -> Decoder (+ generate)
+  RMSNorm -> Linear and _ChunkedHeadLoss (CPU speed-ups: skip them on a first read) -> rotary
+  embeddings -> Attention -> SwiGLU -> Block -> Decoder (+ generate)
   ViT -> Projector -> VLM
 Shapes: B batch, T time (tokens), P image-prefix tokens, C/D model width, H heads, hd head dim.
 """
@@ -112,57 +112,53 @@ class Linear(nn.Linear):
         return y.view(*x.shape[:-1], y.size(-1))
 
 
-CHUNKED_HEAD_LOSS = True  # False: CPU training too forms all logits (bench.py --plain_loss_too times both)
-
-
 class _ChunkedHeadLoss(torch.autograd.Function):
-    """Mean cross entropy of the logits x @ W.T (the LM head) against targets (-1 = no loss), for fp32
-    CPU training, without the (N, vocab) logits ever existing whole. Each chunk of rows makes its
-    logits, its loss and at once its gradient (softmax minus one-hot) while they are still in cache, so
-    backward only rescales. Same loss and gradients as F.cross_entropy(x @ W.T, targets) to float
-    rounding, without the 64 MB of logits (and as much again of their gradient) of a 4096-row x
-    4096-vocab batch; a whole training step of bench.py's cpu config is ~1.09x faster for it
-    (`python bench.py --device cpu --plain_loss_too`). The idea of the "fused linear cross entropy"
-    kernels written for GPUs, here with plain torch ops."""
+    """F.cross_entropy(x @ W.T, targets, ignore_index=-1), the LM head and its mean loss, for fp32 CPU
+    training, without ever holding all the (N, vocab) logits: a chunk of rows (~8 MB of logits) at a
+    time makes its logits, its loss and at once its gradient (softmax minus one-hot), so backward only
+    rescales. Rows with target -1 skip the matmuls altogether. On the 2-core AMD EPYC this project is
+    developed on, a whole training step of bench.py's cpu config (4096 rows x vocab 4096, 64 MB of
+    logits) got 1.09x faster (`python bench.py --device cpu --plain_loss_too` measures it; on other CPUs
+    measure before trusting that). The idea of the "fused linear cross entropy" GPU kernels, in torch ops."""
 
     @staticmethod
     def forward(ctx, x, weight, targets):
-        N = x.size(0)
-        keep = targets >= 0
+        N, V = x.size(0), weight.size(0)
         rows = None
-        if not bool(keep.all()):  # rows without a target (prompts, padding) never reach a matmul
-            rows = keep.nonzero().squeeze(1)
+        if bool((targets == -1).any()):  # rows without a target (prompts, padding) never reach a matmul
+            rows = (targets != -1).nonzero().squeeze(1)
             x, targets = x.index_select(0, rows), targets.index_select(0, rows)
         want_x, want_w = ctx.needs_input_grad[:2]
-        chunk = max(64, 2 ** 21 // weight.size(0))  # ~2M logits (8 MB) per chunk: 512 rows at vocab 4096
-        total = x.new_zeros(())
         gx = torch.empty_like(x) if want_x else None
         gw = torch.zeros_like(weight) if want_w else None
         w_t = weight.t().contiguous() if want_x else None  # (D, V): p @ W written as a linear layer
-        logp = x.new_empty(min(chunk, x.size(0)), weight.size(0))
+        chunk = max(64, 2 ** 21 // V)  # ~2M logits per chunk: 512 rows at vocab 4096
+        buf = x.new_empty(min(chunk, x.size(0)), V)
+        total = x.new_zeros(())
         for i in range(0, x.size(0), chunk):
-            xc, tc = x[i:i + chunk], targets[i:i + chunk, None]  # (c, D), (c, 1)
+            xc, tc = x[i:i + chunk], targets[i:i + chunk]  # (c, D), (c,)
             logits = cpu_linear(xc, weight)  # (c, V)
-            lp = torch.log_softmax(logits, dim=1, out=logp[:xc.size(0)])
-            total -= lp.gather(1, tc).sum()
-            # d(sum of losses)/d(logits) = softmax - one-hot, written over the logits
-            p = torch.softmax(logits, dim=1, out=logits)
-            p.scatter_add_(1, tc, torch.full_like(tc, -1, dtype=p.dtype))
+            logp = torch.log_softmax(logits, dim=1, out=buf[:len(xc)])
+            total -= logp.gather(1, tc[:, None]).sum()
+            # d(sum of the chunk's losses)/d(logits) = softmax - one-hot (into the same buffer: the
+            # log-probabilities are no longer needed)
+            p = torch.softmax(logits, dim=1, out=buf[:len(xc)])
+            p[torch.arange(len(xc)), tc] -= 1
             if want_x:
                 gx[i:i + chunk] = cpu_linear(p, w_t)  # (c, D)
             if want_w:
-                gw.addmm_(p.t(), xc)  # (V, D)
+                gw.addmm_(p.t(), xc)  # (V, D), summed over the chunks
         if rows is not None and want_x:
-            gx = x.new_zeros(N, x.size(1)).index_copy_(0, rows, gx)
+            gx = x.new_zeros(N, x.size(1)).index_copy_(0, rows, gx)  # rows without a target: zero
         ctx.save_for_backward(gx, gw)
         ctx.n = x.size(0)  # rows that carry a loss: the mean's denominator
-        return total / ctx.n
+        return total / ctx.n  # no target at all: 0/0 = nan, as F.cross_entropy gives
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         gx, gw = ctx.saved_tensors
-        scale = g / ctx.n
+        scale = g / max(ctx.n, 1)  # no target at all: zero gradients (as F.cross_entropy's), not nan
         return (None if gx is None else gx * scale), (None if gw is None else gw * scale), None
 
 
@@ -300,8 +296,9 @@ class KVCache:
     def __init__(self, cfg, batch_size, max_len, device, dtype):
         hd = cfg.d_model // cfg.n_head
         shape = (cfg.n_layer, batch_size, cfg.n_head, max_len, hd)
-        # empty, not zeros: attention only reads positions < pos, all written before (zeros would write
-        # 2 x 19 MB for nothing at bench.py's batch 64)
+        # empty, not zeros: update() writes positions pos..pos+T-1 before attention reads 0..pos+T-1
+        # (zeros would write 2 x 19 MB for nothing at bench.py's batch 64). The unwritten rest may hold
+        # nan or inf: never read it, even masked (0 x nan = nan)
         self.k = torch.empty(shape, device=device, dtype=dtype)
         self.v = torch.empty(shape, device=device, dtype=dtype)
         self.pos = 0
@@ -333,6 +330,7 @@ class Decoder(nn.Module):
         init_weights(self, cfg.n_layer)
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight  # one matrix for reading and writing tokens
+        self.chunked_head_loss = True  # CPU training: _ChunkedHeadLoss (False: bench.py --plain_loss_too)
         cos, sin = rope_tables(cfg.d_model // cfg.n_head, cfg.max_seq_len, cfg.rope_theta)
         cos, sin = wide_rope(cos, sin, cfg.n_head)  # (max_seq_len, 2*D): the layout rope_qk multiplies by
         # non-persistent: recomputed from the config, never stored in checkpoints
@@ -391,7 +389,8 @@ class Decoder(nn.Module):
         if targets is None:
             return self.head(x[:, -1:]).float(), None  # inference: only the last position is needed
         w = self.head.weight
-        if CHUNKED_HEAD_LOSS and torch.is_grad_enabled() and eager_cpu_fp32(x, w):  # CPU training
+        if (self.chunked_head_loss and torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+                and eager_cpu_fp32(x, w)):  # CPU training
             return None, _ChunkedHeadLoss.apply(x.reshape(-1, x.size(-1)), w, targets.reshape(-1))
         logits = self.head(x).float()  # (B, T, V)
         return None, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)

@@ -33,6 +33,23 @@ def test_bench_tiny_writes_sane_json(tmp_path):
     assert "train ours" in proc.stdout  # the table was printed
 
 
+def test_bench_plain_loss_too_times_both_loss_paths(tmp_path):
+    """--plain_loss_too trains a copy of our model with the LM head + loss over all logits at once,
+    interleaved: same weights, data and optimizer, so the losses agree to float rounding."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "bench.py", "--config", "tiny", "--device", "cpu", "--steps", "2",
+                           "--skip_hf", "--skip_gen", "--plain_loss_too", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(out.read_text())
+    assert res["train_ours_plain_loss"]["steps_timed"] == 2 and res["chunked_loss_speedup"] > 0
+    assert res["chunked_loss_diff"] < 1e-4
+    assert "train ours, plain loss" in proc.stdout
+    bad = subprocess.run([sys.executable, "bench.py", "--config", "vlm", "--device", "cpu", "--plain_loss_too"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--plain_loss_too" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_bench_gemm_compares_the_two_cpu_matmul_libraries(tmp_path):
     import model
     if not model.ONEDNN:

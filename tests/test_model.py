@@ -251,7 +251,8 @@ def test_chunked_head_loss_matches_cross_entropy(tie):
     """CPU training computes the LM head + loss in chunks of rows with the gradient formed in forward
     (model._ChunkedHeadLoss): loss and every gradient must be F.cross_entropy's over all the logits, with
     rows carrying no target (-1) and a last chunk shorter than the others; under no_grad the plain path
-    gives the same loss; with the embedding frozen only the other gradients are made."""
+    gives the same loss; with the embedding and head frozen only the other gradients are made; with no
+    target at all the loss is nan and the gradients zero, as F.cross_entropy's."""
     torch.manual_seed(0)
     m = Decoder(tiny_cfg(vocab_size=8192, tie_embeddings=tie))  # vocab 8192: 256-row chunks
     x = torch.randint(0, 8192, (10, 60))  # 600 rows: chunks of 256, 256, 88
@@ -275,6 +276,13 @@ def test_chunked_head_loss_matches_cross_entropy(tie):
     grads = torch.autograd.grad(m(x, y)[1], params)
     for a, b in zip(grads, torch.autograd.grad(ref, params)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    none = torch.full_like(y, -1)
+    _, loss = m(x, none)
+    ref = torch.nn.functional.cross_entropy(m.all_logits(x).view(-1, 8192), none.view(-1), ignore_index=-1)
+    assert "ChunkedHeadLoss" in type(loss.grad_fn).__name__ and loss.isnan() and ref.isnan()
+    for a, b in zip(torch.autograd.grad(loss, params), torch.autograd.grad(ref, params)):
+        assert not a.isnan().any()
+        torch.testing.assert_close(a, b)
 
 
 def test_vlm_flops_count_the_output_layer_for_text_positions_only():
