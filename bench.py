@@ -56,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--skip_gen", action="store_true", help="training only")
     p.add_argument("--plain_loss_too", action="store_true",
                    help="CPU: also time our training step with the LM head + loss over all logits at once "
-                        "(model.CHUNKED_HEAD_LOSS off), interleaved with the others")
+                        "(Decoder.chunked_head_loss off), interleaved with the others")
     p.add_argument("--gemm", action="store_true",
                    help="CPU: only time the config's matmul shapes, torch's default F.linear vs model.Linear's oneDNN op")
     p.add_argument("--seed", type=int, default=1337)
