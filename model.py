@@ -118,7 +118,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     time makes its logits, its loss and at once its gradient (softmax minus one-hot), so backward only
     rescales. Rows with target -1 skip the matmuls altogether. On the 2-core AMD EPYC this project is
     developed on, a whole training step of bench.py's cpu config (4096 rows x vocab 4096, 64 MB of
-    logits) got 1.05-1.09x faster in four runs (`python bench.py --device cpu --plain_loss_too` measures
+    logits) got 1.05-1.09x faster in six runs (`python bench.py --device cpu --plain_loss_too` measures
     it; on other CPUs measure before trusting that). The idea of the "fused linear cross entropy" GPU kernels, in torch ops."""
 
     @staticmethod
