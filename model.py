@@ -119,7 +119,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     rescales. Rows with target -1 skip the matmuls altogether. On the 2-core AMD EPYC this project is
     developed on, a whole training step of bench.py's cpu config (4096 rows x vocab 4096, 64 MB of
     logits) got 1.05-1.09x faster in six runs (`python bench.py --device cpu --plain_loss_too` measures
-    it; on other CPUs measure before trusting that). The idea of the "fused linear cross entropy" GPU kernels, in torch ops."""
+    it; on other CPUs measure before trusting that). The idea of the "fused linear cross entropy" GPU
+    kernels, in torch ops."""
 
     @staticmethod
     def forward(ctx, x, weight, targets):
