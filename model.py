@@ -84,11 +84,17 @@ def eager_cpu_fp32(x, weight):
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
+def use_onednn(x, weight):
+    """Whether x @ weight.T goes to oneDNN: fp32 eager CPU, oneDNN usable and on, at least 64 rows. Under
+    64 rows (e.g. decoding a few sequences) oneDNN's ~20 us fixed cost per call outweighs its faster
+    kernel: up to 2x slower than MKL at 1-8 rows, about even at 32-64."""
+    enough_rows = x.numel() >= 64 * x.size(-1) > 0
+    return ONEDNN and torch.backends.mkldnn.enabled and enough_rows and eager_cpu_fp32(x, weight)
+
+
 def cpu_linear(x, weight):
     """x @ weight.T for a 2-D x, on oneDNN where model.Linear would use it, else F.linear."""
-    if ONEDNN and torch.backends.mkldnn.enabled and x.size(0) >= 64 and eager_cpu_fp32(x, weight):
-        return onednn_linear(x, weight)
-    return F.linear(x, weight)
+    return onednn_linear(x, weight) if use_onednn(x, weight) else F.linear(x, weight)
 
 
 class Linear(nn.Linear):
@@ -99,10 +105,7 @@ class Linear(nn.Linear):
     its own kernels) and `torch.backends.mkldnn.flags(enabled=False)` keep F.linear."""
 
     def forward(self, x):
-        # under 64 rows (e.g. decoding a few sequences) oneDNN's ~20 us fixed cost per call outweighs its
-        # faster kernel: up to 2x slower than MKL at 1-8 rows, about even at 32-64
-        enough_rows = x.numel() >= 64 * x.size(-1) > 0
-        if not (ONEDNN and torch.backends.mkldnn.enabled and enough_rows and eager_cpu_fp32(x, self.weight)):
+        if not use_onednn(x, self.weight):
             return F.linear(x, self.weight, self.bias)
         x2 = x.reshape(-1, x.size(-1))  # (N, in)
         if torch.is_grad_enabled():
