@@ -121,6 +121,18 @@ def all_reduce_mean(x, run):
     return t.item() / run.world_size
 
 
+def ensure_world(world_dir, run):
+    """The built-in world in world_dir, built first if it is missing. Under torchrun rank 0 builds it while
+    the other ranks wait: ranks building at once would rewrite files another rank is already reading."""
+    from data.world import ensure_built
+    if run.master:
+        ensure_built(world_dir)
+    if run.ddp:
+        import torch.distributed as dist
+        dist.barrier()
+    return ensure_built(world_dir)  # there by now: this only reads its meta.json
+
+
 def cleanup(run):
     if run.ddp:
         import torch.distributed as dist

@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from common import (UserError, add_run_args, all_reduce_mean, check_finite, check_range, check_resume_flags,
-                    check_weights_finite, checkpoint_tokenizer, cleanup, cli, fmt_speed, load_checkpoint, lr_at,
+                    check_weights_finite, checkpoint_tokenizer, cleanup, cli, ensure_world, fmt_speed, load_checkpoint, lr_at,
                     make_checkpoint, make_optimizer, Meter, resume_training, save_checkpoint, set_lr, setup, StopFlag,
                     wrap_model)
 from data.images import load_coco, load_world_split, split_indices
@@ -93,7 +93,7 @@ def parse_args(argv=None):
     return args
 
 
-def load_caption_data(args, sp):
+def load_caption_data(args, sp, run):
     """-> dict split -> SimpleNamespace(images uint8 (N,H,W,3), captions [[ids,...] per image],
     texts [[str,...]], scenes [dict or None])."""
     def pack(images, rows, idx=None):
@@ -114,8 +114,7 @@ def load_caption_data(args, sp):
             raise UserError(f"{args.coco_dir} has {len(rows)} usable image(s); need at least 2 (train + val)")
         tr, va = split_indices(len(rows), 0.1)
         return {"train": pack(images, rows, tr), "val": pack(images, rows, va), "test": pack(images, rows, va)}
-    from data.world import ensure_built
-    ensure_built(args.world_dir)
+    ensure_world(args.world_dir, run)
     return {s: pack(*load_world_split(args.world_dir, f"caption_{s}")) for s in ("train", "val", "test")}
 
 
@@ -186,7 +185,7 @@ def main(argv=None):
     # ---- the phase 1 model and its tokenizer
     prev = load_checkpoint(prev_path, "phase1", run_first="python phase1_text.py")
     sp = checkpoint_tokenizer(prev, prev_path)
-    data = load_caption_data(args, sp)
+    data = load_caption_data(args, sp, run)
     train, val = data["train"], data["val"]
     image_size = train.images.shape[1]
 

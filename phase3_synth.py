@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 import phase1_text
 from common import (UserError, add_run_args, all_reduce_mean, check_finite, check_range, check_resume_flags,
-                    check_weights_finite, checkpoint_tokenizer, cleanup, cli, fmt_speed, load_checkpoint, lr_at,
+                    check_weights_finite, checkpoint_tokenizer, cleanup, cli, ensure_world, fmt_speed, load_checkpoint, lr_at,
                     make_checkpoint, make_optimizer, Meter, read_jsonl, resume_training, save_checkpoint, set_lr, setup,
                     StopFlag, wrap_model)
 from data.images import load_world_split
@@ -218,7 +218,7 @@ def main(argv=None):
         elif args.resume and os.path.exists(syn_path):
             rows = read_synthetic(syn_path)
         else:
-            images = load_unlabeled(args)
+            images = load_unlabeled(args, run)
             size = model.vit.cfg.image_size
             if images.shape[1:3] != (size, size):
                 raise UserError(f"--images holds {images.shape[1]}x{images.shape[2]} images; this model's ViT takes "
@@ -323,7 +323,7 @@ def main(argv=None):
     cleanup(run)
 
 
-def load_unlabeled(args):
+def load_unlabeled(args, run):
     if args.images:
         if not os.path.exists(args.images):
             raise UserError(f"--images {args.images} not found")
@@ -337,8 +337,7 @@ def load_unlabeled(args):
             raise UserError(f"--images {args.images} must hold a uint8 array (N, H, W, 3) with N > 0, "
                             f"not {images.dtype} {images.shape}")
         return images
-    from data.world import ensure_built
-    ensure_built(args.world_dir)
+    ensure_world(args.world_dir, run)
     images, _ = load_world_split(args.world_dir, "unlabeled")
     return images
 

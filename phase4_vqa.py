@@ -30,7 +30,7 @@ import torch
 from tqdm import tqdm
 
 from common import (UserError, add_run_args, all_reduce_mean, check_finite, check_range, check_resume_flags,
-                    check_weights_finite, checkpoint_tokenizer, cleanup, cli, fmt_speed, load_checkpoint, lr_at,
+                    check_weights_finite, checkpoint_tokenizer, cleanup, cli, ensure_world, fmt_speed, load_checkpoint, lr_at,
                     make_checkpoint, make_optimizer, Meter, resume_training, save_checkpoint, set_lr, setup, StopFlag,
                     wrap_model)
 from data.images import split_indices
@@ -112,7 +112,7 @@ def pack(images, rows, sp, max_answer_tokens, max_len):
                            rows=[rows[k] for k in keep])
 
 
-def load_vqa_data(args, sp, image_size, max_len):
+def load_vqa_data(args, sp, image_size, max_len, run):
     """-> dict split -> packed questions (see pack), and the training answers of each type, most
     frequent first (the majority baseline and the ranking candidates come from them)."""
     def pack_split(images, rows):
@@ -130,8 +130,7 @@ def load_vqa_data(args, sp, image_size, max_len):
         data = {"train": pack_split(images, tr_rows), "val": pack_split(images, va_rows),
                 "test": pack_split(images, te_rows)}
     else:
-        from data.world import ensure_built
-        ensure_built(args.world_dir)
+        ensure_world(args.world_dir, run)
         data = {s: pack_split(*load_world_vqa(args.world_dir, s)) for s in ("train", "val", "test")}
     for s, d in data.items():
         if not d.rows:
@@ -239,7 +238,7 @@ def main(argv=None):
     model = build_model(src).to(run.device)
     assert isinstance(model, VLM)
     P = model.projector.num_tokens()
-    data, ranked = load_vqa_data(args, sp, model.vit.cfg.image_size, model.decoder.cfg.max_seq_len - P)
+    data, ranked = load_vqa_data(args, sp, model.vit.cfg.image_size, model.decoder.cfg.max_seq_len - P, run)
     train, val = data["train"], data["val"]
     vqav2 = bool(args.vqa_questions)
 

@@ -104,3 +104,31 @@ def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(tmp_path):
     results = mp.Manager().dict()
     mp.spawn(_stop_worker, args=(str(tmp_path / "init"), results), nprocs=2)
     assert dict(results) == {0: [False, True], 1: [False, True]}
+
+
+def _world_worker(rank, tmp, results):
+    from types import SimpleNamespace
+    import torch.distributed as dist
+    import common
+    from data import world as W
+    real_build = W.build
+
+    def build(out_dir, seed, scale, size):  # note who builds; a tiny world instead of the default one
+        results[f"built by {rank}"] = True
+        real_build(out_dir, seed=seed, scale=0.03, size=size, progress=False)
+
+    W.build = build
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=2)
+    run = SimpleNamespace(ddp=True, master=rank == 0, device="cpu", world_size=2)
+    d = common.ensure_world(os.path.join(tmp, "world"), run)
+    results[rank] = os.path.exists(os.path.join(d, "meta.json"))
+    dist.destroy_process_group()
+
+
+def test_ranks_wait_for_rank_0_to_build_a_missing_world(tmp_path):
+    """Phases 2-4 under torchrun with no world built yet: two ranks building at once would each rewrite
+    the files the other is reading. Rank 0 builds it once; rank 1 waits and finds it finished."""
+    import torch.multiprocessing as mp
+    results = mp.Manager().dict()
+    mp.spawn(_world_worker, args=(str(tmp_path), results), nprocs=2)
+    assert dict(results) == {"built by 0": True, 0: True, 1: True}

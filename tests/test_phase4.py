@@ -191,7 +191,7 @@ def test_vqav2_val_and_test_are_different_images(tmp_path, world):
     qp, ap, folder, _, _ = _fixture(tmp_path, world["dir"])
     args = SimpleNamespace(vqa_questions=qp, vqa_annotations=ap, vqa_images=folder, vqa_image_pattern="",
                            vqa_val_frac=0.1, max_answer_tokens=8, out_dir=str(tmp_path / "out"))
-    data, _ = P4.load_vqa_data(args, world["sp"], 32, 100)
+    data, _ = P4.load_vqa_data(args, world["sp"], 32, 100, run=None)  # run: only for the world
     imgs = {s: {r["image_id"] for r in data[s].rows} for s in ("train", "val", "test")}
     assert all(imgs[s] for s in imgs)  # 3 usable images: one for each split
     assert not (imgs["train"] & imgs["val"]) and not (imgs["train"] & imgs["test"]) and not (imgs["val"] & imgs["test"])

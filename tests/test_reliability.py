@@ -701,7 +701,7 @@ def test_unreadable_inputs_are_one_clear_line(tmp_path):
     np.save(empty, np.zeros((0, 32, 32, 3), np.uint8))
     for path, msg in [(npz, "archive"), (txt, "not a .npy array"), (tmp_path, "not a .npy array"), (empty, "N > 0")]:
         with pytest.raises(UserError, match=msg):
-            phase3_synth.load_unlabeled(SimpleNamespace(images=str(path)))
+            phase3_synth.load_unlabeled(SimpleNamespace(images=str(path)), run=None)
     latin1 = tmp_path / "latin1.jsonl"
     latin1.write_bytes('{"caption": "caf\u00e9"}\n'.encode("latin-1"))
     for reader in (read_jsonl, read_json):
