@@ -24,9 +24,9 @@ import torch
 from tqdm import tqdm
 
 from common import (UserError, add_run_args, all_reduce_mean, check_finite, check_range, check_resume_flags,
-                    check_weights_finite, checkpoint_tokenizer, cleanup, cli, ensure_world, fmt_speed, load_checkpoint, lr_at,
-                    make_checkpoint, make_optimizer, Meter, resume_training, save_checkpoint, set_lr, setup, StopFlag,
-                    wrap_model)
+                    check_weights_finite, checkpoint_tokenizer, cleanup, cli, ensure_world, fmt_speed, load_checkpoint,
+                    lr_at, make_checkpoint, make_optimizer, Meter, resume_training, save_checkpoint, set_lr, setup,
+                    StopFlag, wrap_model)
 from data.images import load_coco, load_world_split, split_indices
 from eval import bleu4, caption_images, caption_scores
 from model import VLM, DecoderConfig, ViTConfig, build_model

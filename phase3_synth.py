@@ -25,9 +25,9 @@ from tqdm import tqdm
 
 import phase1_text
 from common import (UserError, add_run_args, all_reduce_mean, check_finite, check_range, check_resume_flags,
-                    check_weights_finite, checkpoint_tokenizer, cleanup, cli, ensure_world, fmt_speed, load_checkpoint, lr_at,
-                    make_checkpoint, make_optimizer, Meter, read_jsonl, resume_training, save_checkpoint, set_lr, setup,
-                    StopFlag, wrap_model)
+                    check_weights_finite, checkpoint_tokenizer, cleanup, cli, ensure_world, fmt_speed, load_checkpoint,
+                    lr_at, make_checkpoint, make_optimizer, Meter, read_jsonl, resume_training, save_checkpoint, set_lr,
+                    setup, StopFlag, wrap_model)
 from data.images import load_world_split
 from eval import caption_images, minimal_pairs, sequence_logprobs, text_loss
 from model import build_model

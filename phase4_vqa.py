@@ -30,9 +30,9 @@ import torch
 from tqdm import tqdm
 
 from common import (UserError, add_run_args, all_reduce_mean, check_finite, check_range, check_resume_flags,
-                    check_weights_finite, checkpoint_tokenizer, cleanup, cli, ensure_world, fmt_speed, load_checkpoint, lr_at,
-                    make_checkpoint, make_optimizer, Meter, resume_training, save_checkpoint, set_lr, setup, StopFlag,
-                    wrap_model)
+                    check_weights_finite, checkpoint_tokenizer, cleanup, cli, ensure_world, fmt_speed, load_checkpoint,
+                    lr_at, make_checkpoint, make_optimizer, Meter, resume_training, save_checkpoint, set_lr, setup,
+                    StopFlag, wrap_model)
 from data.images import split_indices
 from data.vqa import (answers_by_type, load_vqav2, load_world_vqa, split_by_image, vqav2_candidates,
                       world_candidates)
