@@ -1,17 +1,30 @@
-"""Tests for data/world.py: a small world is built once per module and checked from the outside.
+"""Tests for the world (data/world.py) and the modules split off from it by role: its language (data/talk.py),
+the independent judge of that language (data/judge.py) and the benchmarks (data/benchmarks.py). A small world is
+built once per module and checked from the outside, mostly through the names data.world still exports.
 
 Where the tests judge truth (captions, answers) they recompute it from the scene dicts with their own code,
 so a bug in the generator cannot hide behind the same bug in the checker.
 """
+import ast
 import collections
+import importlib
 import json
 import os
+import random
 import re
+import subprocess
+import sys
+import types
 
 import numpy as np
 import pytest
 
+from data import benchmarks as B
+from data import judge as J
+from data import talk as T
 from data import world as W
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SCALE = 0.02
 PP = {"on the left": "left", "on the right": "right", "at the top": "top", "at the bottom": "bottom",
@@ -440,3 +453,93 @@ def test_sample_scene_and_describe_are_pure():
     assert 1 <= len(a["objects"]) <= 4
     assert W.describe(a, random.Random(1)) == W.describe(a, random.Random(1))
     assert W.render(a, 48).shape == (48, 48, 3)
+
+
+def test_python_m_data_world_builds_the_same_world(worlds, tmp_path):
+    """The command line runs world.py as __main__, which then imports data.talk (which imports data.world):
+    that path must work and write exactly what build() writes."""
+    out = tmp_path / "cli"
+    cmd = [sys.executable, "-m", "data.world", "--out", str(out), "--seed", "0", "--scale", str(SCALE)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    names = sorted(os.listdir(worlds["a"]))
+    assert sorted(os.listdir(out)) == names
+    for name in names:
+        with open(os.path.join(worlds["a"], name), "rb") as f1, open(out / name, "rb") as f2:
+            assert f1.read() == f2.read(), name
+
+
+# --- the split by role: talk, judge, benchmarks ----------------------------------------------------------------------
+def test_moved_names_are_still_importable_from_world():
+    for name, home in W._HOME.items():
+        assert getattr(W, name) is getattr(importlib.import_module(home), name), name
+    assert set(W._HOME) <= set(dir(W))
+
+    def public(m):
+        return {n for n, v in vars(m).items() if not n.startswith("_") and not isinstance(v, types.ModuleType)}
+    # every public name talk and benchmarks define (not import), and every function of the judge's, is re-exported;
+    # the judge's word lists are not: data.world's own lists are the world's
+    defined = {T: public(T) - set(vars(W)), B: public(B) - set(vars(W)) - set(vars(T)) - set(vars(J)),
+               J: {n for n in public(J) if callable(getattr(J, n))}}
+    for m, names in defined.items():
+        assert names and names <= set(W._HOME), (m.__name__, names - set(W._HOME))
+    with pytest.raises(AttributeError):
+        W.no_such_name
+
+
+def test_judge_imports_nothing_from_the_generator():
+    """The judge's independence is checked, not just asserted: its file imports only the standard library, and
+    importing it loads no other module of data/."""
+    with open(J.__file__) as f:
+        tree = ast.parse(f.read())
+    imported = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, "relative import in data/judge.py"
+            imported.append(node.module)
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) in (
+                "__import__", "import_module"):
+            raise AssertionError("data/judge.py imports dynamically")
+    assert imported and all(m.split(".")[0] in sys.stdlib_module_names for m in imported), imported
+    code = "import sys, data.judge; print(sorted(m for m in sys.modules if m.split('.')[0] == 'data'))"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "['data', 'data.judge']"
+
+
+def test_judge_vocabulary_agrees_with_the_generator():
+    """The judge keeps its own word lists and geometry settings; these must say what the generator's say."""
+    assert (J.SHAPES, J.COLORS, J.SIZES, J.RELATIONS) == (W.SHAPES, W.COLORS, W.SIZES, W.RELATIONS)
+    assert J.NOUNS == T.SG_NOUNS and J.PLURALS == T.SINGULAR
+    assert J.PLACES == T.PP_PHRASE and tuple(J.PLACES) == W.POSITIONS
+    assert J.NUMBERS == T.NUM_WORDS
+    for word in J.NUMBERS[1:]:   # "one" .. "four" are determiners meaning exactly that many
+        number, kind, quant = J.DETERMINERS[word]
+        assert (number, kind, quant) == ("sg" if word == "one" else "pl", "num", ("eq", J.NUMBERS.index(word)))
+    assert set(J.DETERMINERS) <= set(T.vocabulary())
+    assert (J.MARGIN, J.NEXT_TO_DY, J.NEXT_TO_DX) == (W.REL_MARGIN, W.NEXT_TO_DY, W.NEXT_TO_DX)
+
+
+def test_judge_geometry_agrees_with_the_world():
+    """The judge's own reading of places and relations gives the generator's answers: on sampled scenes, and on
+    arbitrary points, cell borders and exact margins included (where a different formula would disagree)."""
+    rng = random.Random(0)
+    scenes = [W.sample_scene(random.Random(i)) for i in range(300)]
+
+    def coordinate():   # cell borders, and short decimals whose differences hit the margins exactly
+        if rng.random() < 0.3:
+            return rng.choice([k / 30 for k in range(31)] + [1 / 3, 2 / 3])
+        return round(rng.random(), rng.choice([1, 2, 3]))
+    points = [{"x": coordinate(), "y": coordinate(), "size": rng.choice(W.SIZES)} for _ in range(2000)]
+    pairs = [(a, b) for s in scenes for a in s["objects"] for b in s["objects"] if a is not b]
+    pairs += [tuple(rng.sample(points, 2)) for _ in range(20000)]
+    for o in [o for s in scenes for o in s["objects"]] + points:
+        assert J._place(o) == W.position_word(o["x"], o["y"]), o
+    held = collections.Counter()
+    for a, b in pairs:
+        for rel in W.RELATIONS:
+            assert J._related(rel, a, b) == W.relation_holds(rel, a, b), (rel, a, b)
+            held[rel] += W.relation_holds(rel, a, b)
+    assert min(held.values()) > 100   # every relation was seen to hold, not just to fail
