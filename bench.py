@@ -4,7 +4,7 @@ KV cache, and peak memory, for one named model shape. When the `transformers` pa
 installed, a Hugging Face LlamaForCausalLM of the identical shape (holding the very same weights) is
 trained and asked to generate in the same process, interleaved with ours, and the ratios are printed.
 
-  python bench.py --device cpu --config cpu            # the README numbers (2-core CPU, fp32)
+  python bench.py --device cpu --config cpu            # docs/SPEED.md's numbers (2-core CPU, fp32)
   python bench.py --device cuda --config gpu --compile # ~91M params, bf16 autocast, on a GPU
   python bench.py --config vlm                         # ViT + projector + decoder training step
   python bench.py --config tiny --steps 2 --skip_hf --json out.json   # seconds; used by the tests
@@ -56,9 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--skip_gen", action="store_true", help="training only")
     p.add_argument("--plain_loss_too", action="store_true",
                    help="CPU: also time our training step with the LM head + loss over all logits at once "
-                        "(Decoder.chunked_head_loss off), interleaved with the others")
+                        "(fast_cpu's chunked head loss off), interleaved with the others")
     p.add_argument("--gemm", action="store_true",
-                   help="CPU: only time the config's matmul shapes, torch's default F.linear vs model.Linear's oneDNN op")
+                   help="CPU: only time the config's matmul shapes, torch's default F.linear vs fast_cpu.Linear's oneDNN op")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
@@ -220,11 +220,11 @@ def bench(args, cfg, run):
     B, T, V = cfg["batch"], cfg["seq_len"], cfg["vocab_size"]
     dcfg = decoder_config(cfg)
     if is_vlm:
-        vlm = VLM(dcfg, ViTConfig(**cfg["vit"])).to(dev)
+        vlm = common.place(VLM(dcfg, ViTConfig(**cfg["vit"])), run)  # fast_cpu.py's path on CPU
         ours = vlm.decoder
     else:
         vlm = None
-        ours = Decoder(dcfg).to(dev)
+        ours = common.place(Decoder(dcfg), run)
     top = vlm if is_vlm else ours
     peak = peak_flops(run)
     peak_label = ("GPU bf16 data-sheet peak" if run.device_type == "cuda"
@@ -250,7 +250,7 @@ def bench(args, cfg, run):
         trainers = [Trainer("ours", ours, lambda: model_c(x, y)[1], run, False)]
         if args.plain_loss_too:  # our model again, same initial weights (the tied embedding stays tied)
             plain = copy.deepcopy(ours)
-            plain.chunked_head_loss = False  # the LM head + loss over all logits at once
+            plain.__class__ = Decoder  # model.py's head_loss: the LM head + loss over all logits at once
             trainers.append(Trainer("ours_plain_loss", plain, lambda: plain(x, y)[1], run, False))
         flops_step = B * T * ours.flops_per_token(T)
 
@@ -403,13 +403,13 @@ def bench_generation(cfg, ours, vlm, hf, run, seed):
 
 
 def bench_gemms(cfg, reps=10):
-    """Why model.Linear exists: every matmul shape of the config's decoder, at the training batch
+    """Why fast_cpu.Linear exists: every matmul shape of the config's decoder, at the training batch
     (batch*seq rows) and at a batch-64 decoding step, as F.linear (MKL on CPU, torch's default) and as
-    the oneDNN op model.Linear calls, interleaved, median of `reps`. Forward is (N, in) @ W.T; the
+    the oneDNN op fast_cpu.Linear calls, interleaved, median of `reps`. Forward is (N, in) @ W.T; the
     input gradient is (N, out) @ W, written as a linear layer with weight W.T."""
-    import model
-    if not model.ONEDNN:
-        raise UserError("this torch build has no usable oneDNN linear op: model.Linear is plain F.linear here")
+    import fast_cpu
+    if not fast_cpu.ONEDNN:
+        raise UserError("this torch build has no usable oneDNN linear op: fast_cpu.Linear is plain F.linear here")
     D, V, Hf = cfg["d_model"], cfg["vocab_size"], swiglu_hidden(cfg["d_model"])
     layers = [("qkv", D, 3 * D), ("attn out", D, D), ("gate+up", D, 2 * Hf), ("down", Hf, D), ("head", D, V)]
     rows = []
@@ -418,7 +418,7 @@ def bench_gemms(cfg, reps=10):
             w = torch.randn(d_out, d_in)
             for what, x, wt in (("forward", torch.randn(n, d_in), w),
                                 ("input grad", torch.randn(n, d_out), w.t().contiguous())):
-                fns = {"mkl": lambda: F.linear(x, wt), "onednn": lambda: model.onednn_linear(x, wt)}
+                fns = {"mkl": lambda: F.linear(x, wt), "onednn": lambda: fast_cpu.onednn_linear(x, wt)}
                 times = {k: [] for k in fns}
                 for rep in range(reps + 3):
                     for k, fn in fns.items():

@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 
 class UserError(Exception):
@@ -41,6 +42,7 @@ def add_run_args(p, phase):
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     p.add_argument("--resume", action="store_true", help=f"continue from {phase}/last.pt")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no_fast_cpu", action="store_true", help="plain model.py on CPU too (fast_cpu.py off)")
 
 
 def check_range(name, value, lo=None, hi=None, lo_open=False):
@@ -50,6 +52,14 @@ def check_range(name, value, lo=None, hi=None, lo_open=False):
         lo_s = "" if lo is None else (f"> {lo}" if lo_open else f">= {lo}")
         hi_s = "" if hi is None else f"<= {hi}"
         raise UserError(f"--{name}={value} is out of range: it must be {' and '.join(s for s in (lo_s, hi_s) if s)}")
+
+
+def check_args(args, limits):
+    """Check every flag against a table {name: (low, high)}: None = no bound; a low bound written as
+    ("above", x) excludes x itself. One line per bad value instead of a crash deep inside torch."""
+    for name, (lo, hi) in limits.items():
+        lo_open = isinstance(lo, tuple)
+        check_range(name, getattr(args, name), lo[1] if lo_open else lo, hi, lo_open)
 
 
 # -----------------------------------------------------------------------------
@@ -88,7 +98,7 @@ def setup(args):
     # bf16 autocast on GPU only: on CPU bf16 matmuls are ~100x slower than fp32 here
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
     return SimpleNamespace(device=dev, device_type=device_type, ddp=ddp, rank=rank, world_size=world,
-                           master=rank == 0, autocast=autocast)
+                           master=rank == 0, autocast=autocast, fast_cpu=not getattr(args, "no_fast_cpu", False))
 
 
 def seed_everything(seed):
@@ -139,11 +149,28 @@ def cleanup(run):
         dist.destroy_process_group()
 
 
-def to_device(x, run):
-    """Pinned, non-blocking host->GPU copy; a plain move elsewhere."""
+def to_device(run, *tensors):
+    """The one way a batch reaches the device: pinned, non-blocking host->GPU copies; a plain move elsewhere."""
     if run.device_type == "cuda":
-        return x.pin_memory().to(run.device, non_blocking=True)
-    return x.to(run.device)
+        return [t.pin_memory().to(run.device, non_blocking=True) for t in tensors]
+    return [t.to(run.device) for t in tensors]
+
+
+def grad_sync(dmodel, run, on):
+    """DDP all-reduces gradients in backward only when `on` (the last micro-batch of a step). A flag, not
+    the no_sync() context, so the training step reads the same with or without DDP."""
+    if run.ddp:
+        dmodel.require_backward_grad_sync = on
+
+
+def place(model, run):
+    """Move a freshly built model to the run's device; on CPU, switch on fast_cpu.py's speed path unless
+    --no_fast_cpu (same numbers' meaning, other kernels: see fast_cpu.py)."""
+    model.to(run.device)
+    if run.device_type == "cpu" and getattr(run, "fast_cpu", True):
+        import fast_cpu
+        fast_cpu.convert(model)
+    return model
 
 
 # -----------------------------------------------------------------------------
@@ -449,6 +476,116 @@ def check_weights_finite(model, step, out_path):
     if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
         raise UserError(f"the weights became inf/NaN at step {step}; stopped, the last good checkpoint in {out_path} "
                         "is kept. Try a lower --lr or check the data")
+
+
+# -----------------------------------------------------------------------------
+# The scaffolding of every phase's training loop
+
+class Run(SimpleNamespace):
+    """One phase's run: the device and DDP setup (device, device_type, ddp, rank, world_size, master,
+    autocast), and everything around its training loop that is not learning: where it writes, resuming
+    from last.pt, best.pt/last.pt at each evaluation, the data-order generator, Ctrl-C, the speed meter,
+    the progress bar and the log lines. Every phase uses it the same way:
+
+        run = Run(args, "phase1")              # device, DDP, out/phase1/
+        ckpt = run.last_checkpoint()           # --resume: last.pt (else None)
+        ... build model and optimizer ...
+        run.start(model, optimizer, tokenizer_path, ckpt)
+        while True:
+            if run.eval_due(args.eval_interval, args.max_steps):
+                run.evaluated(<val loss>)      # best.pt if it improved, last.pt always
+            if run.step >= args.max_steps:
+                break
+            ... one training step ...
+            run.stepped(loss, tokens=..., flops=...)   # log, Ctrl-C -> save and exit
+        run.finish()
+    """
+
+    def __init__(self, args, phase, out_name=None, same_on_resume=(), command=None):
+        super().__init__(**vars(setup(args)))
+        if args.batch_size % self.world_size:
+            raise UserError(f"--batch_size={args.batch_size} must be divisible by the {self.world_size} processes")
+        self.args, self.phase = args, phase
+        self.out = os.path.join(args.out_dir, out_name or phase)
+        self.best_path, self.last_path = os.path.join(self.out, "best.pt"), os.path.join(self.out, "last.pt")
+        self.same_on_resume = same_on_resume  # flags a resume must keep (e.g. those that define the val loss)
+        self.command = command or f"python {phase}.py"
+        self.gen = torch.Generator().manual_seed(args.seed)  # the training data order, saved with last.pt
+        self.step, self.best_val, self.val_loss, self.loss = 0, float("inf"), float("nan"), None
+
+    def last_checkpoint(self):
+        """With --resume: last.pt, checked against this run's flags; without: None."""
+        if not self.args.resume:
+            return None
+        ckpt = load_checkpoint(self.last_path, self.phase, run_first=self.command)
+        check_resume_flags(ckpt, self.args, self.last_path, self.same_on_resume)
+        return ckpt
+
+    def start(self, model, optimizer, tokenizer, ckpt=None):
+        """Remember what checkpoints hold; from last.pt, restore the weights, the optimizer's moments,
+        the RNG, the step and the best val loss."""
+        self.model, self.optimizer, self.tokenizer = model, optimizer, tokenizer
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            resume_training(ckpt, optimizer, {"data": self.gen}, self.last_path)
+            self.step, self.best_val = ckpt["step"], ckpt["best_val"]
+            self.log(f"resumed from {self.last_path} at step {self.step} (best val {self.best_val:.4f})")
+        self.stop = StopFlag()
+        self.meter = Meter(self)
+        self.pbar = tqdm(total=self.args.max_steps, initial=self.step, disable=not self.master or self.args.quiet,
+                         desc=os.path.basename(self.out), dynamic_ncols=True)
+
+    def log(self, line):
+        if self.master:
+            tqdm.write(line)
+
+    def eval_due(self, interval, max_steps):
+        return self.step % interval == 0 or self.step >= max_steps  # >=: a resumed run may be past it
+
+    def evaluated(self, val_loss, what="val loss", note=""):
+        """After an evaluation: best.pt if the val loss is the lowest so far, and last.pt."""
+        check_finite(val_loss, self.step, self.out, what)  # same value on every rank: all stop together
+        self.val_loss = val_loss
+        self.log(f"step {self.step} | {what} {val_loss:.4f}{note}")
+        if self.master:
+            if val_loss < self.best_val:
+                self.best_val = val_loss
+                save_checkpoint(self.checkpoint(False), self.best_path)
+            save_checkpoint(self.checkpoint(True), self.last_path)
+        self.meter.reset()  # evaluation time is not training time
+
+    def stepped(self, loss, note="", **counts):
+        """After an optimizer step: count it, log it, and on Ctrl-C/SIGTERM save last.pt and exit.
+        loss.item() makes the CPU wait for the GPU, so the loss is read only to log it and to check it
+        is finite before a checkpoint can be written (a NaN stays in the weights, so it is caught)."""
+        self.step += 1
+        self.meter.add(**counts)
+        self.pbar.update(1)
+        a = self.args
+        if self.step % a.log_interval == 0 or self.step % a.eval_interval == 0 or self.step == a.max_steps:
+            loss_value = all_reduce_mean(loss.item(), self)  # mean over ranks, the same on every rank
+            check_finite(loss_value, self.step, self.out)
+            if self.step % a.log_interval == 0:
+                lr = self.optimizer.param_groups[0]["lr"]
+                self.log(f"step {self.step} | loss {loss_value:.4f}{note} | lr {lr:.2e} | {fmt_speed(self.meter.report())}")
+        if self.stop.agreed(self):
+            if self.master:
+                check_weights_finite(self.model, self.step, self.out)
+                save_checkpoint(self.checkpoint(True), self.last_path)
+                tqdm.write(f"interrupted: saved {self.last_path} at step {self.step}; continue with --resume")
+            cleanup(self)
+            sys.exit(130 if self.stop.signum == 2 else 143)
+
+    def checkpoint(self, with_optimizer):
+        return make_checkpoint(self.model, self.phase, self.tokenizer, self.step,
+                               self.val_loss, self.best_val, self.args,
+                               self.optimizer if with_optimizer else None, {"data": self.gen})
+
+    def finish(self):
+        """Training is over: Ctrl-C stops at once again; returns the best checkpoint's path."""
+        self.pbar.close()
+        self.stop.release()
+        return self.best_path
 
 
 # -----------------------------------------------------------------------------

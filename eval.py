@@ -152,6 +152,50 @@ def caption_scores(captions, scenes):
             "complete": float(np.mean([x["complete"] for x in q]))}
 
 
+def caption_report(model, sp, test, n, device="cpu"):
+    """Greedy captions of the first n held-out images, scored and printed (phase 2's report): for world
+    scenes exact/complete and exact by number of objects (a full description must name every object
+    right: harder with more objects); for real photos BLEU-4. Returns the scores as a dict."""
+    n = min(n, len(test.captions))
+    caps = caption_images(model, sp, test.images[:n], device=device)
+    result = {"n_test": n}
+    if test.scenes[0] is not None:
+        sc = caption_scores(caps, test.scenes[:n])
+        result.update(caption_accuracy=sc["exact"], caption_complete=sc["complete"], distinct_captions=len(set(caps)))
+        print(f"held-out world images: {100 * sc['exact']:.1f}% of {n} greedy captions exactly correct "
+              f"(true and naming objects by colour and shape), {100 * sc['complete']:.1f}% complete "
+              f"(every object named, count stated); {len(set(caps))} distinct captions")
+        groups = {}
+        for c, scene in zip(caps, test.scenes[:n]):
+            cs, ss = groups.setdefault(len(scene["objects"]), ([], []))
+            cs.append(c)
+            ss.append(scene)
+        by_objects = {k: caption_scores(cs, ss)["exact"] for k, (cs, ss) in sorted(groups.items())}
+        result["caption_accuracy_by_objects"] = by_objects
+        print("   by number of objects: " + ", ".join(
+            f"{k}: {100 * a:.0f}% of {len(groups[k][0])}" for k, a in by_objects.items()))
+    else:
+        result["bleu4"] = bleu4(caps, test.texts[:n])
+        print(f"held-out images: BLEU-4 {100 * result['bleu4']:.2f} on {n} greedy captions")
+    for c, refs in list(zip(caps, test.texts))[:5]:
+        print(f"   model: {c}\n     ref: {refs[0]}")
+    return result
+
+
+def language_scores(model, sp, world_dir, device):
+    """World minimal pairs (all paradigms; held-out-combo paradigms alone) and loss on held-out descriptions."""
+    from common import read_jsonl
+    pairs = read_jsonl(os.path.join(world_dir, "minimal_pairs.jsonl"))
+    seen = [p for p in pairs if not p.get("heldout")]
+    held = [p for p in pairs if p.get("heldout")]
+    desc = [l.strip() for l in open(os.path.join(world_dir, "descriptions_test.txt")) if l.strip()]
+    desc_h = [l.strip() for l in open(os.path.join(world_dir, "descriptions_test_heldout.txt")) if l.strip()]
+    return {"mp": minimal_pairs(model, sp, seen, device)["macro"],
+            "mp_heldout": minimal_pairs(model, sp, held, device)["macro"],
+            "desc_loss": text_loss(model, sp, desc, device)["loss"],
+            "desc_heldout_loss": text_loss(model, sp, desc_h, device)["loss"]}
+
+
 def caption_accuracy(captions, scenes):
     """The headline caption metric: the fraction of exactly correct captions (see caption_scores)."""
     return caption_scores(captions, scenes)["exact"]
@@ -246,6 +290,51 @@ def vqa_rank(model, sp, images, questions, candidates, batch_size=64, device="cp
     return [best[k] for k in range(len(candidates))]
 
 
+def vqa_test_table(model, sp, test, ranked, n, vqav2, max_answer_tokens, device):
+    """Accuracy by type on the first n test questions: majority baseline, greedy, ranked.
+    Returns {type: {n, majority, greedy, ranked}} with an 'all' entry, and the greedy answers."""
+    rows = test.rows[:n]
+    imgs = np.asarray(test.images[test.image[:n]])  # one image per question
+    questions = [r["question"] for r in rows]
+    greedy = vqa_generate(model, sp, imgs, questions, max_new_tokens=max_answer_tokens, device=device)
+    from data.vqa import vqav2_candidates, world_candidates
+    cands = [vqav2_candidates(r, ranked) if vqav2 else world_candidates(r, ranked) for r in rows]
+    chosen = vqa_rank(model, sp, imgs, questions, cands, device=device)
+    majority = {t: answers[0] for t, answers in ranked.items()}
+    per = {}
+    for r, g, c in zip(rows, greedy, chosen):
+        for t in (r["type"], "all"):
+            s = per.setdefault(t, {"n": 0, "majority": 0.0, "greedy": 0.0, "ranked": 0.0})
+            s["n"] += 1
+            s["majority"] += vqa_accuracy(majority.get(r["type"], ""), r["answers"])
+            s["greedy"] += vqa_accuracy(g, r["answers"])
+            s["ranked"] += vqa_accuracy(c, r["answers"])
+    for s in per.values():
+        for k in ("majority", "greedy", "ranked"):
+            s[k] /= s["n"]
+    order = sorted(t for t in per if t != "all") + ["all"]
+    return {t: per[t] for t in order}, greedy
+
+
+def print_table(per):
+    print(f"{'type':<12} | {'n':>5} | {'majority':>8} | {'greedy':>7} | {'ranked':>7}")
+    print("-" * 51)
+    for t, s in per.items():
+        print(f"{t:<12} | {s['n']:>5} | {100 * s['majority']:>7.1f}% | {100 * s['greedy']:>6.1f}% | "
+              f"{100 * s['ranked']:>6.1f}%")
+
+
+def vqa_report(model, sp, test, ranked, n, vqav2, max_answer_tokens, device):
+    """Phase 4's report: accuracy by question type on the first n held-out questions, printed; -> (per, n)."""
+    n = min(n, len(test.rows))
+    per, greedy = vqa_test_table(model, sp, test, ranked, n, vqav2, max_answer_tokens, device)
+    print(f"{'held-out images' if vqav2 else 'held-out world images (vqa_test)'}: accuracy by question type on {n} questions")
+    print_table(per)
+    for r, g in list(zip(test.rows, greedy))[:5]:
+        print(f"   {r['question']}  model: {g} | ref: {r['answer']}")
+    return per, n
+
+
 # =============================================================================
 # Command line: every phase's checkpoint on every benchmark, side by side
 #
@@ -295,6 +384,7 @@ def parse_args(argv=None):
                    "fastest on a CPU that other jobs keep busy")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--quiet", action="store_true", help="only the tables")
+    p.add_argument("--no_fast_cpu", action="store_true", help="plain model.py on CPU too (fast_cpu.py off)")
     args = p.parse_args(argv)
     from common import check_range
     for name in ("blimp_max_per_paradigm", "n_caption", "n_vqa", "n_wino", "n_text", "n_coco", "threads"):
@@ -600,12 +690,12 @@ def main(argv=None):
     import json
     import time
     from types import SimpleNamespace
-    from common import checkpoint_tokenizer, load_checkpoint, setup
+    from common import checkpoint_tokenizer, load_checkpoint, place, setup
     from model import build_model
     args = parse_args(argv)
     log = (lambda *a: None) if args.quiet else print
     ckpts = find_checkpoints(args)
-    run = setup(SimpleNamespace(device=args.device, seed=args.seed))
+    run = setup(SimpleNamespace(device=args.device, seed=args.seed, no_fast_cpu=args.no_fast_cpu))
     if args.threads:
         torch.set_num_threads(args.threads)
     t_all = time.perf_counter()
@@ -617,7 +707,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         ckpt = load_checkpoint(path)
         sp = checkpoint_tokenizer(ckpt, path)
-        model = build_model(ckpt).to(run.device).eval()
+        model = place(build_model(ckpt), run).eval()
         del ckpt["model"]
         log(f"{name}: {path} ({ckpt.get('phase')}, step {ckpt.get('step')}, "
             f"{'vision + language' if isinstance(model, VLM) else 'text only'})")

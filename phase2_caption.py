@@ -5,8 +5,8 @@ A small ViT (trained from scratch) and a projector turn each image into a few to
 phase 1 decoder; the whole thing learns to caption labeled images, with the loss on caption tokens
 only. New modules get a high learning rate, the pretrained decoder a lower one (either can be frozen),
 and a fraction of steps replay phase 1 text so language is not forgotten. The linear layers' weight
-matrices learn with Muon (orthogonalised momentum updates, common.Muon), the rest with AdamW: in the
-same 5 CPU minutes, that lifts exact captions from ~30% (AdamW for all) to ~65%.
+matrices learn with Muon (orthogonalised momentum updates, common.Muon), the rest with AdamW: far
+more exact captions than AdamW alone in the same few CPU minutes (docs/LOG.md).
 
     python phase2_caption.py                       # after phase1_text.py, built-in world
     python phase2_caption.py --coco_dir ../shared/data/coco_mini   # COCO captions format
@@ -15,24 +15,26 @@ Reads out/phase1/best.pt, writes out/phase2/best.pt (lowest caption val loss) an
 import argparse
 import json
 import os
-import sys
-from contextlib import nullcontext
 from types import SimpleNamespace
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from common import (UserError, add_run_args, all_reduce_mean, check_finite, check_range, check_resume_flags,
-                    check_weights_finite, checkpoint_tokenizer, cleanup, cli, ensure_world, fmt_speed, load_checkpoint,
-                    lr_at, make_checkpoint, make_optimizer, Meter, resume_training, save_checkpoint, set_lr, setup,
-                    StopFlag, wrap_model)
+from common import (UserError, Run, add_run_args, all_reduce_mean, check_args, checkpoint_tokenizer, cleanup, cli,
+                    ensure_world, grad_sync, load_checkpoint, lr_at, make_optimizer, place, set_lr, to_device, wrap_model)
 from data.images import load_coco, load_world_split, split_indices
-from eval import bleu4, caption_images, caption_scores
+from data.text import replay_step, text_of_phase1
+from eval import caption_images, caption_report
 from model import VLM, DecoderConfig, ViTConfig, build_model
 from tokenizer import BOS, EOS, PAD
 
-PHASE = "phase2"
+LIMITS = {"image_size": (8, None), "patch_size": (1, None), "vit_layers": (1, None), "vit_heads": (1, None),
+          "vit_d": (4, None), "merge": (1, None), "batch_size": (1, None), "length_groups": (1, None),
+          "max_steps": (1, None), "warmup": (0, None), "eval_interval": (1, None), "eval_batches": (1, None),
+          "log_interval": (1, None), "n_test": (0, None), "max_caption_tokens": (4, None),
+          "canonical_frac": (0, 1), "min_lr_frac": (0, 1), "text_frac": (0, 0.5),  # 0.5: every other step
+          "weight_decay": (0, None), "grad_clip": (0, None), "muon_scale": (0, None),
+          "lr_new": (("above", 0), None), "lr_decoder": (("above", 0), None)}
 
 
 def parse_args(argv=None):
@@ -53,13 +55,13 @@ def parse_args(argv=None):
     # optimisation
     p.add_argument("--length_groups", type=int, default=2,
                    help="cut each batch, sorted by caption length, into this many micro-batches (less padding)")
-    p.add_argument("--batch_size", type=int, default=32, help="32 x 720 steps beat 64 x 360 at equal compute (41 vs 17 percent exact captions)")
-    p.add_argument("--max_steps", type=int, default=600, help="600: under 5 min on 2 CPU cores, 61-67%% exact captions; 1000: ~83%% (README)")
+    p.add_argument("--batch_size", type=int, default=32, help="more steps of a small batch beat fewer big ones at equal compute (docs/LOG.md)")
+    p.add_argument("--max_steps", type=int, default=600, help="sized to fit the CPU time budget; more steps, better captions (docs/LOG.md)")
     p.add_argument("--lr_new", type=float, default=1e-3, help="ViT + projector")
     p.add_argument("--lr_decoder", type=float, default=1e-3, help="the pretrained phase 1 decoder")
     p.add_argument("--muon_scale", type=float, default=4.0,
                    help="Muon for the linear layers' matrices at this x their part's lr (and weight decay at that lr); "
-                        "0 = AdamW for all (README)")
+                        "0 = AdamW for all (docs/LOG.md)")
     p.add_argument("--freeze_decoder", action="store_true")
     p.add_argument("--freeze_vit", action="store_true")
     p.add_argument("--warmup", type=int, default=100)
@@ -72,22 +74,11 @@ def parse_args(argv=None):
     p.add_argument("--log_interval", type=int, default=25)
     p.add_argument("--n_test", type=int, default=300, help="held-out images captioned at the end")
     p.add_argument("--max_caption_tokens", type=int, default=64)
-    add_run_args(p, PHASE)
+    add_run_args(p, "phase2")
     args = p.parse_args(argv)
-    for name, lo in [("image_size", 8), ("patch_size", 1), ("vit_layers", 1), ("vit_heads", 1), ("vit_d", 4),
-                     ("merge", 1), ("batch_size", 1), ("length_groups", 1), ("max_steps", 1), ("warmup", 0), ("eval_interval", 1),
-                     ("eval_batches", 1), ("log_interval", 1), ("n_test", 0), ("max_caption_tokens", 4)]:
-        check_range(name, getattr(args, name), lo=lo)
-    for name in ("canonical_frac", "min_lr_frac"):
-        check_range(name, getattr(args, name), lo=0, hi=1)
-    check_range("text_frac", args.text_frac, lo=0, hi=0.5)  # every round(1/frac)-th step: 0.5 = every other one
-    check_range("weight_decay", args.weight_decay, lo=0)
-    check_range("grad_clip", args.grad_clip, lo=0)
-    check_range("muon_scale", args.muon_scale, lo=0)
+    check_args(args, LIMITS)
     if args.patch_size < 2 or args.patch_size & (args.patch_size - 1):
         raise UserError(f"--patch_size={args.patch_size} must be a power of two, at least 2 (the conv stem halves it per conv)")
-    for name in ("lr_new", "lr_decoder"):
-        check_range(name, getattr(args, name), lo=0, lo_open=True)
     if args.vit_d % args.vit_heads or args.vit_d % 4:
         raise UserError(f"--vit_d={args.vit_d} must be divisible by 4 and by --vit_heads={args.vit_heads}")
     return args
@@ -151,12 +142,6 @@ def pad_batch(data, idx, seqs):
     return images[torch.from_numpy(order)], x, y
 
 
-def to_run(run, *ts):
-    if run.device_type == "cuda":
-        return [t.pin_memory().to(run.device, non_blocking=True) for t in ts]
-    return [t.to(run.device) for t in ts]
-
-
 @torch.no_grad()
 def evaluate(model, val, args, run):
     """Caption loss on the canonical caption of the first eval_batches*batch_size val images."""
@@ -165,7 +150,7 @@ def evaluate(model, val, args, run):
     n = min(len(val.captions), args.eval_batches * args.batch_size)
     for b0 in range(0, n, args.batch_size):
         idx = np.arange(b0, min(b0 + args.batch_size, n))
-        imgs, x, y = to_run(run, *caption_batches(val, idx, None, canonical_frac=1.0)[0])
+        imgs, x, y = to_device(run, *caption_batches(val, idx, None, canonical_frac=1.0)[0])
         with run.autocast:
             _, loss = model(imgs, x, y)
         losses.append(loss.item())
@@ -175,25 +160,24 @@ def evaluate(model, val, args, run):
 
 def main(argv=None):
     args = parse_args(argv)
-    run = setup(args)
-    if args.batch_size % run.world_size:
-        raise UserError(f"--batch_size={args.batch_size} must be divisible by the {run.world_size} processes")
-    out = os.path.join(args.out_dir, PHASE)
-    best_path, last_path = os.path.join(out, "best.pt"), os.path.join(out, "last.pt")
-    prev_path = os.path.join(args.out_dir, "phase1", "best.pt")
+    # a resume must keep the optimizer's parameter groups and what the val loss means
+    run = Run(args, "phase2", same_on_resume=("freeze_decoder", "freeze_vit", "batch_size", "eval_batches"))
 
-    # ---- the phase 1 model and its tokenizer
+    # ---- data: the phase 1 model's tokenizer, labeled images and their captions
+    prev_path = os.path.join(args.out_dir, "phase1", "best.pt")
     prev = load_checkpoint(prev_path, "phase1", run_first="python phase1_text.py")
     sp = checkpoint_tokenizer(prev, prev_path)
     data = load_caption_data(args, sp, run)
     train, val = data["train"], data["val"]
     image_size = train.images.shape[1]
 
-    # ---- VLM = phase 1 decoder + fresh ViT and projector (or everything back from last.pt)
-    gen = torch.Generator().manual_seed(args.seed)
-    step, best_val = 0, float("inf")
-    if args.resume:
-        ckpt = load_checkpoint(last_path, PHASE, run_first="python phase2_caption.py")
+    # ---- model: VLM = phase 1 decoder + fresh ViT and projector (or everything back from last.pt)
+    ckpt = run.last_checkpoint()
+    if ckpt:
+        saved = ckpt["args"].get("muon_scale", 0.0)  # another scale is only another LR, but the states differ
+        if (saved > 0) != (args.muon_scale > 0):
+            raise UserError(f"{run.last_path} was trained with --muon_scale {saved}; resume with Muon "
+                            f"{'on' if saved > 0 else 'off'}, as it was")
         model = build_model(ckpt)
     else:
         vit_cfg = ViTConfig(image_size=image_size, patch_size=args.patch_size, n_layer=args.vit_layers,
@@ -202,7 +186,7 @@ def main(argv=None):
             raise UserError(f"image size {image_size} must be a multiple of --patch_size*--merge = {args.patch_size * args.merge}")
         model = VLM(DecoderConfig(**prev["decoder_config"]), vit_cfg)
         model.decoder.load_state_dict(prev["model"])  # bit-identical copy of phase 1's weights
-    model.to(run.device)
+    model = place(model, run)
     P = model.projector.num_tokens()
     if P + args.max_caption_tokens + 1 > model.decoder.cfg.max_seq_len:
         raise UserError(f"{P} image tokens + {args.max_caption_tokens} caption tokens exceed the decoder's "
@@ -212,143 +196,68 @@ def main(argv=None):
     for p in model.vit.parameters():
         p.requires_grad_(not args.freeze_vit)
     groups = [(list(model.vit.named_parameters()) + list(model.projector.named_parameters()), args.lr_new),
-              (model.decoder.named_parameters(), args.lr_decoder)]
+              (model.decoder.named_parameters(), args.lr_decoder)]  # new parts and the pretrained decoder
     optimizer = make_optimizer(groups, args.weight_decay, (0.9, 0.95), run.device_type, args.muon_scale)
-    if args.resume:
-        check_resume_flags(ckpt, args, last_path, ("freeze_decoder", "freeze_vit", "batch_size", "eval_batches"))
-        saved = ckpt["args"].get("muon_scale", 0.0)  # phase 2 runs from before Muon used AdamW only
-        if (saved > 0) != (args.muon_scale > 0):  # another scale is only another LR, but the states differ
-            raise UserError(f"{last_path} was trained with --muon_scale {saved}; resume with Muon "
-                            f"{'on' if saved > 0 else 'off'}, as it was")
-        resume_training(ckpt, optimizer, {"data": gen}, last_path)
-        step, best_val = ckpt["step"], ckpt["best_val"]
-        if run.master:
-            print(f"resumed from {last_path} at step {step} (best val {best_val:.4f})")
+    run.start(model, optimizer, prev["tokenizer"], ckpt)
     dmodel = wrap_model(model, run, args.compile)
 
     # phase 1 text replay: every k-th step is a text batch instead of a caption batch
     # (pointless, and nothing to backpropagate into, when the decoder is frozen)
     text_every = round(1 / args.text_frac) if args.text_frac > 0 and not args.freeze_decoder else 0
     if text_every:
-        import phase1_text
-        text_train, _ = phase1_text.text_of_phase1(prev, args.out_dir, run)
-    mean_cap = float(np.mean([len(c[0]) for c in train.captions[:1000]]))
-    flops_per_image = model.flops_per_sample(mean_cap)
-    if run.master:
-        n_vit = sum(p.numel() for p in model.vit.parameters()) + sum(p.numel() for p in model.projector.parameters())
-        print(f"device {run.device} x{run.world_size} | {len(train.captions):,} train images of {image_size}px | "
-              f"{P} image tokens | ViT+projector {n_vit / 1e6:.2f}M params (new) | decoder "
-              f"{model.decoder.num_params() / 1e6:.2f}M (from {prev_path})")
+        text_train, _ = text_of_phase1(prev, args.out_dir, run)
+    flops_per_image = model.flops_per_sample(float(np.mean([len(c[0]) for c in train.captions[:1000]])))
+    n_vit = sum(p.numel() for p in model.vit.parameters()) + sum(p.numel() for p in model.projector.parameters())
+    run.log(f"device {run.device} x{run.world_size} | {len(train.captions):,} train images of {image_size}px | "
+            f"{P} image tokens | ViT+projector {n_vit / 1e6:.2f}M params (new) | decoder "
+            f"{model.decoder.num_params() / 1e6:.2f}M (from {prev_path})")
 
-    def checkpoint(val_loss, with_optimizer):
-        return make_checkpoint(model, PHASE, prev["tokenizer"], step, val_loss, best_val, args,
-                               optimizer if with_optimizer else None, {"data": gen})
-
-    def show_samples(k=3):
-        caps = caption_images(model, sp, val.images[:k], device=run.device)
-        for c, refs in zip(caps, val.texts[:k]):
-            tqdm.write(f"   model: {c}\n     ref: {refs[0]}")
-
-    # ---- training loop
-    stop = StopFlag()
-    meter = Meter(run)
-    pbar = tqdm(total=args.max_steps, initial=step, disable=not run.master or args.quiet, desc=PHASE, dynamic_ncols=True)
-    val_loss = float("nan")
+    # ---- training loop: caption images, loss on caption tokens only
     while True:
-        last_step = step >= args.max_steps  # >=: a resumed run may already be past it
-        if step % args.eval_interval == 0 or last_step:
-            val_loss = evaluate(dmodel, val, args, run)
-            check_finite(val_loss, step, out, "val loss")  # same value on every rank: all stop together
-            if run.master:
-                tqdm.write(f"step {step} | val caption loss {val_loss:.4f}")
-                if step > 0:
-                    show_samples()
-                if val_loss < best_val:
-                    best_val = val_loss
-                    save_checkpoint(checkpoint(val_loss, False), best_path)
-                save_checkpoint(checkpoint(val_loss, True), last_path)
-            meter.reset()
-        if last_step:
+        if run.eval_due(args.eval_interval, args.max_steps):
+            run.evaluated(evaluate(dmodel, val, args, run), "val caption loss")
+            if run.master and run.step > 0:
+                for c, refs in zip(caption_images(model, sp, val.images[:3], device=run.device), val.texts[:3]):
+                    run.log(f"   model: {c}\n     ref: {refs[0]}")
+        if run.step >= args.max_steps:
             break
-
-        set_lr(optimizer, lr_at(step, 1.0, args.max_steps, args.warmup, args.min_lr_frac))
-        replay = " (text replay)" if text_every and step % text_every == text_every - 1 else ""
+        set_lr(optimizer, lr_at(run.step, 1.0, args.max_steps, args.warmup, args.min_lr_frac))
+        replay = " (text replay)" if text_every and run.step % text_every == text_every - 1 else ""
         if replay:
-            loss, counts = phase1_text.replay_step(model.decoder, text_train, args.batch_size, gen, run)
+            loss, counts = replay_step(model.decoder, text_train, args.batch_size, run.gen, run)
         else:
-            idx = torch.randint(len(train.captions), (args.batch_size,), generator=gen).numpy()
+            idx = torch.randint(len(train.captions), (args.batch_size,), generator=run.gen).numpy()
             mine = slice(run.rank, None, run.world_size)  # same global batch, each rank its own rows
-            parts = [to_run(run, *b) for b in
-                     caption_batches(train, idx, gen, args.canonical_frac, args.length_groups, mine)]
+            parts = [to_device(run, *b) for b in
+                     caption_batches(train, idx, run.gen, args.canonical_frac, args.length_groups, mine)]
             part_tok = [int((y >= 0).sum()) for _, _, y in parts]
-            n_tok = sum(part_tok)
-            n_mean = all_reduce_mean(float(n_tok), run)  # ranks hold captions of different lengths
+            n_mean = all_reduce_mean(float(sum(part_tok)), run)  # ranks hold captions of different lengths
             loss = 0.0
             for k, (imgs, x, y) in enumerate(parts):
                 # token-weighted micro-batch means: summed here and averaged over ranks by DDP, they give
-                # the mean over every caption token of the global batch; DDP all-reduces the gradients
-                # once, after the last micro-batch
-                sync = nullcontext() if not run.ddp or k == len(parts) - 1 else dmodel.no_sync()
-                with sync, run.autocast:
+                # the mean over every caption token of the global batch
+                grad_sync(dmodel, run, k == len(parts) - 1)
+                with run.autocast:
                     _, part_loss = dmodel(imgs, x, y)
                     part_loss = part_loss * (part_tok[k] / n_mean)
                 part_loss.backward()
                 loss = loss + part_loss.detach()
             n_img = len(idx[mine])
-            counts = dict(tokens=n_tok, images=n_img, flops=flops_per_image * n_img)
+            counts = dict(tokens=sum(part_tok), images=n_img, flops=flops_per_image * n_img)
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_value = all_reduce_mean(loss.item(), run)  # mean over ranks, the same on every rank
-        check_finite(loss_value, step, out)
-        step += 1
-        meter.add(**counts)
-        pbar.update(1)
-        if run.master and step % args.log_interval == 0:
-            tqdm.write(f"step {step} | loss {loss_value:.4f}{replay} | lr {optimizer.param_groups[0]['lr']:.2e} | "
-                       f"{fmt_speed(meter.report())}")
-        if stop.agreed(run):
-            if run.master:
-                check_weights_finite(model, step, out)
-                save_checkpoint(checkpoint(val_loss, True), last_path)
-                tqdm.write(f"interrupted: saved {last_path} at step {step}; continue with --resume")
-            cleanup(run)
-            sys.exit(130 if stop.signum == 2 else 143)
-    pbar.close()
-    stop.release()
+        run.stepped(loss, replay, **counts)
+    best_path = run.finish()
 
-    # ---- held-out captions from the best checkpoint
+    # ---- report: held-out captions from the best checkpoint
     if run.master and args.n_test > 0:
-        best = build_model(load_checkpoint(best_path, PHASE)).to(run.device)
-        test = data["test"]
-        n = min(args.n_test, len(test.captions))
-        caps = caption_images(best, sp, test.images[:n], device=run.device)
-        result = {"best_val_loss": best_val, "n_test": n}
-        if test.scenes[0] is not None:
-            sc = caption_scores(caps, test.scenes[:n])
-            result.update(caption_accuracy=sc["exact"], caption_complete=sc["complete"], distinct_captions=len(set(caps)))
-            print(f"held-out world images: {100 * sc['exact']:.1f}% of {n} greedy captions exactly correct "
-                  f"(true and naming objects by colour and shape), {100 * sc['complete']:.1f}% complete "
-                  f"(every object named, count stated); {len(set(caps))} distinct captions")
-            groups = {}  # a full description must name every object right: harder with more objects
-            for c, scene in zip(caps, test.scenes[:n]):
-                cs, ss = groups.setdefault(len(scene["objects"]), ([], []))
-                cs.append(c)
-                ss.append(scene)
-            by_objects = {k: caption_scores(cs, ss)["exact"] for k, (cs, ss) in sorted(groups.items())}
-            result["caption_accuracy_by_objects"] = by_objects
-            print("   by number of objects: " + ", ".join(
-                f"{k}: {100 * a:.0f}% of {len(groups[k][0])}" for k, a in by_objects.items()))
-        else:
-            result["bleu4"] = bleu4(caps, test.texts[:n])
-            print(f"held-out images: BLEU-4 {100 * result['bleu4']:.2f} on {n} greedy captions")
-        for c, refs in list(zip(caps, test.texts))[:5]:
-            print(f"   model: {c}\n     ref: {refs[0]}")
-        with open(os.path.join(out, "results.json"), "w") as f:
+        best = place(build_model(load_checkpoint(best_path, "phase2")), run)
+        result = {"best_val_loss": run.best_val, **caption_report(best, sp, data["test"], args.n_test, run.device)}
+        with open(os.path.join(run.out, "results.json"), "w") as f:
             json.dump(result, f, indent=1)
-    if run.master:
-        print(f"done: best val caption loss {best_val:.4f} -> {best_path}")
+    run.log(f"done: best val caption loss {run.best_val:.4f} -> {best_path}")
     cleanup(run)
 
 

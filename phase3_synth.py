@@ -15,25 +15,25 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-import phase1_text
-from common import (UserError, add_run_args, all_reduce_mean, check_finite, check_range, check_resume_flags,
-                    check_weights_finite, checkpoint_tokenizer, cleanup, cli, ensure_world, fmt_speed, load_checkpoint,
-                    lr_at, make_checkpoint, make_optimizer, Meter, read_jsonl, resume_training, save_checkpoint, set_lr,
-                    setup, StopFlag, wrap_model)
+from common import (UserError, Run, add_run_args, check_args, checkpoint_tokenizer, cleanup, cli, ensure_world,
+                    load_checkpoint, lr_at, make_optimizer, place, read_jsonl, set_lr, to_device, wrap_model)
 from data.images import load_world_split
-from eval import caption_images, minimal_pairs, sequence_logprobs, text_loss
+from data.text import text_of_phase1, tokenize_lines, val_loss
+from eval import caption_images, language_scores, sequence_logprobs
 from model import build_model
 from tokenizer import BOS, EOS
 
-PHASE = "phase3"
+LIMITS = {"n_images": (0, None), "captions_per_image": (1, None), "top_k": (0, None), "gen_batch": (1, None),
+          "max_caption_tokens": (4, None), "batch_size": (1, None), "seq_len": (8, None), "max_steps": (1, None),
+          "warmup": (0, None), "eval_interval": (1, None), "eval_iters": (1, None), "log_interval": (1, None),
+          "synthetic_frac": (0, 1), "temperature": (0, None), "lr": (("above", 0), None), "min_lr_frac": (0, 1),
+          "weight_decay": (0, None), "grad_clip": (0, None)}
 
 
 def parse_args(argv=None):
@@ -66,13 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--eval_iters", type=int, default=10)
     p.add_argument("--log_interval", type=int, default=25)
     p.add_argument("--out_name", default="", help="output folder under out_dir (default phase3, or phase3_control)")
-    add_run_args(p, PHASE)
+    add_run_args(p, "phase3")
     args = p.parse_args(argv)
-    for name, lo in [("n_images", 0), ("captions_per_image", 1), ("top_k", 0), ("gen_batch", 1),
-                     ("max_caption_tokens", 4), ("batch_size", 1), ("seq_len", 8), ("max_steps", 1), ("warmup", 0),
-                     ("eval_interval", 1), ("eval_iters", 1), ("log_interval", 1)]:
-        check_range(name, getattr(args, name), lo=lo)
-    check_range("synthetic_frac", args.synthetic_frac, lo=0, hi=1)
+    check_args(args, LIMITS)
     if args.synthetic_frac > 0 and round(args.synthetic_frac * args.batch_size) == 0:  # rows per batch are exact
         raise UserError(f"--synthetic_frac={args.synthetic_frac} of --batch_size={args.batch_size} rounds to 0 synthetic "
                         "rows per batch: that is the control run; raise either, or use --synthetic_frac 0")
@@ -84,11 +80,6 @@ def parse_args(argv=None):
                         "add --temperature (e.g. 0.8) or caption once")
     if math.isnan(args.min_logprob):
         raise UserError("--min_logprob must be a number (leave it out for no confidence filter)")
-    check_range("temperature", args.temperature, lo=0)
-    check_range("lr", args.lr, lo=0, lo_open=True)
-    check_range("min_lr_frac", args.min_lr_frac, lo=0, hi=1)
-    check_range("weight_decay", args.weight_decay, lo=0)
-    check_range("grad_clip", args.grad_clip, lo=0)
     if args.init not in ("phase2", "phase3", "phase4"):
         raise UserError(f"--init={args.init}: phase 3 needs a model with vision (phase2, phase3 or phase4)")
     args.out_name = args.out_name or ("phase3_control" if args.synthetic_frac == 0 else "phase3")
@@ -175,47 +166,43 @@ def mixed_batch(real, synth, batch_size, seq_len, frac, gen, run):
         s = int(torch.randint(len(stream) - seq_len - 1, (), generator=gen))
         rows.append(np.asarray(stream[s:s + seq_len + 1], dtype=np.int64))
     rows = rows[run.rank::run.world_size]  # same global batch on every rank, each its own rows
-    xy = torch.from_numpy(np.stack(rows))
-    x, y = xy[:, :-1], xy[:, 1:]
-    return x.to(run.device), y.to(run.device), int(picks.sum())
+    xy = torch.from_numpy(np.stack(rows))  # (b, T+1)
+    x, y = to_device(run, xy[:, :-1], xy[:, 1:])
+    return x, y, int(picks.sum())
 
 
 def main(argv=None):
     args = parse_args(argv)
-    run = setup(args)
-    if args.batch_size % run.world_size:
-        raise UserError(f"--batch_size={args.batch_size} must be divisible by the {run.world_size} processes")
-    out = os.path.join(args.out_dir, args.out_name)
-    best_path, last_path = os.path.join(out, "best.pt"), os.path.join(out, "last.pt")
-    init_path = os.path.join(args.out_dir, args.init, "best.pt")
-    os.makedirs(out, exist_ok=True)
+    # a resume must keep what the val loss means (best.pt is chosen by comparing it across the resume)
+    run = Run(args, "phase3", args.out_name, ("batch_size", "seq_len", "eval_iters"),
+              command=f"python phase3_synth.py --synthetic_frac {args.synthetic_frac}")
+    os.makedirs(run.out, exist_ok=True)
 
     # ---- the phase 2 model, its tokenizer, and phase 1's real text
+    init_path = os.path.join(args.out_dir, args.init, "best.pt")
     prev = load_checkpoint(init_path, ["phase2", "phase3", "phase4"],
                            run_first=f"python {'phase2_caption' if args.init == 'phase2' else args.init}.py")
     if not prev.get("vit_config"):
         raise UserError(f"{init_path} has no vision tower; phase 3 starts from a phase 2 checkpoint")
     sp = checkpoint_tokenizer(prev, init_path)
     p1 = load_checkpoint(os.path.join(args.out_dir, "phase1", "best.pt"), "phase1", run_first="python phase1_text.py")
-    real_train, real_val = phase1_text.text_of_phase1(p1, args.out_dir, run)
-    model = build_model(prev).to(run.device)
+    real_train, real_val = text_of_phase1(p1, args.out_dir, run)
+    model = place(build_model(prev), run)
     P = model.projector.num_tokens()
     if P + 1 + args.max_caption_tokens > model.decoder.cfg.max_seq_len:
         raise UserError(f"{P} image tokens + {args.max_caption_tokens} caption tokens exceed the decoder's "
                         f"max_seq_len {model.decoder.cfg.max_seq_len}; lower --max_caption_tokens")
     if args.seq_len > model.decoder.cfg.max_seq_len:
         raise UserError(f"--seq_len={args.seq_len} exceeds the model's max_seq_len {model.decoder.cfg.max_seq_len}")
-    if args.resume:  # before the captioning, which takes minutes
-        ckpt = load_checkpoint(last_path, PHASE, run_first=f"python phase3_synth.py --synthetic_frac {args.synthetic_frac}")
-        check_resume_flags(ckpt, args, last_path, ("batch_size", "seq_len", "eval_iters"))  # what val loss means
+    ckpt = run.last_checkpoint()  # before the captioning, which takes minutes
 
     # ---- 1. dream: caption the unlabeled images (skipped by the control, which never uses them)
-    syn_path = os.path.join(out, "synthetic.jsonl")
+    syn_path = os.path.join(run.out, "synthetic.jsonl")
     synth = None
     if args.synthetic_frac > 0:
         if args.synthetic:
             rows = read_synthetic(args.synthetic)
-        elif args.resume and os.path.exists(syn_path):
+        elif ckpt and os.path.exists(syn_path):
             rows = read_synthetic(syn_path)
         else:
             images = load_unlabeled(args, run)
@@ -228,20 +215,19 @@ def main(argv=None):
             if run.master:  # rank 0 dreams and writes the corpus; the other ranks wait and read it
                 rows = synthesize(model, sp, images, args, run)
                 write_synthetic(rows, syn_path)
-                sheet_of_examples(images, rows, os.path.join(out, "synthetic_sheet.png"))
+                sheet_of_examples(images, rows, os.path.join(run.out, "synthetic_sheet.png"))
             if run.ddp:
                 import torch.distributed as dist
                 dist.barrier()
             if not run.master:
                 rows = read_synthetic(syn_path)
         kept = filter_synthetic(rows, args.min_logprob, args.dedup)
-        if run.master:
-            print(f"synthetic corpus: {len(rows):,} captions, {len(kept):,} kept after filtering -> {syn_path}")
+        run.log(f"synthetic corpus: {len(rows):,} captions, {len(kept):,} kept after filtering -> {syn_path}")
         if not kept:
             raise UserError("no synthetic captions left after filtering; lower --min_logprob or drop --dedup")
         # one file per rank: ranks writing the same file at once would race on its temp name
         tok_name = "synthetic_tokens.npy" if run.master else f"synthetic_tokens_rank{run.rank}.npy"
-        synth = phase1_text.tokenize_lines([r["caption"] for r in kept], sp, os.path.join(out, tok_name), BOS, EOS)
+        synth = tokenize_lines([r["caption"] for r in kept], sp, os.path.join(run.out, tok_name), BOS, EOS)
         if len(synth) <= args.seq_len + 1:
             raise UserError(f"synthetic corpus has {len(synth)} tokens, fewer than --seq_len={args.seq_len}; caption more images")
 
@@ -250,75 +236,37 @@ def main(argv=None):
         p.requires_grad_(False)
     decoder = model.decoder
     optimizer = make_optimizer([(decoder.named_parameters(), args.lr)], args.weight_decay, (0.9, 0.95), run.device_type)
-    gen = torch.Generator().manual_seed(args.seed)
-    step, best_val = 0, float("inf")
-    if args.resume:
-        model.load_state_dict(ckpt["model"])
-        resume_training(ckpt, optimizer, {"data": gen}, last_path)
-        step, best_val = ckpt["step"], ckpt["best_val"]
-        print(f"resumed from {last_path} at step {step}")
+    run.start(model, optimizer, prev["tokenizer"], ckpt)
     ddecoder = wrap_model(decoder, run, args.compile)
     flops_per_step = decoder.flops_per_token(args.seq_len) * args.seq_len * args.batch_size / run.world_size
-    val_args = SimpleNamespace(eval_iters=args.eval_iters, batch_size=args.batch_size, seq_len=args.seq_len)
-
-    def checkpoint(val_loss, with_optimizer):
-        return make_checkpoint(model, PHASE, prev["tokenizer"], step, val_loss, best_val, args,
-                               optimizer if with_optimizer else None, {"data": gen})
-
-    stop = StopFlag()
-    meter = Meter(run)
-    pbar = tqdm(total=args.max_steps, initial=step, disable=not run.master or args.quiet, desc=args.out_name, dynamic_ncols=True)
-    val_loss = float("nan")
     model.train()
     while True:
-        last_step = step >= args.max_steps  # >=: a resumed run may already be past it
-        if step % args.eval_interval == 0 or last_step:
-            val_loss = phase1_text.evaluate(ddecoder, real_val, val_args, run)  # real held-out text
-            check_finite(val_loss, step, out, "val loss")  # same value on every rank: all stop together
-            if run.master:
-                tqdm.write(f"step {step} | val loss on real text {val_loss:.4f}")
-                if val_loss < best_val:
-                    best_val = val_loss
-                    save_checkpoint(checkpoint(val_loss, False), best_path)
-                save_checkpoint(checkpoint(val_loss, True), last_path)
-            meter.reset()
-        if last_step:
+        if run.eval_due(args.eval_interval, args.max_steps):  # best.pt: lowest loss on real held-out text
+            loss = val_loss(ddecoder, real_val, args.batch_size, args.seq_len, args.eval_iters, run)
+            run.evaluated(loss, "val loss on real text")
+        if run.step >= args.max_steps:
             break
-        set_lr(optimizer, lr_at(step, 1.0, args.max_steps, args.warmup, args.min_lr_frac))
-        x, y, _ = mixed_batch(real_train, synth, args.batch_size, args.seq_len, args.synthetic_frac, gen, run)
+        set_lr(optimizer, lr_at(run.step, 1.0, args.max_steps, args.warmup, args.min_lr_frac))
+        x, y, _ = mixed_batch(real_train, synth, args.batch_size, args.seq_len, args.synthetic_frac, run.gen, run)
         with run.autocast:
-            _, loss = ddecoder(x, y)
+            _, loss = ddecoder(x, y)  # next-token loss on real and synthetic text alike
         loss.backward()
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(decoder.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_value = all_reduce_mean(loss.item(), run)  # the global batch's loss, the same on every rank
-        check_finite(loss_value, step, out)
-        step += 1
-        meter.add(tokens=x.numel(), flops=flops_per_step)
-        pbar.update(1)
-        if run.master and step % args.log_interval == 0:
-            tqdm.write(f"step {step} | loss {loss_value:.4f} | lr {optimizer.param_groups[0]['lr']:.2e} | {fmt_speed(meter.report())}")
-        if stop.agreed(run):
-            if run.master:
-                check_weights_finite(model, step, out)
-                save_checkpoint(checkpoint(val_loss, True), last_path)
-                tqdm.write(f"interrupted: saved {last_path} at step {step}; continue with --resume")
-            cleanup(run)
-            sys.exit(130 if stop.signum == 2 else 143)
-    pbar.close()
-    stop.release()
+        run.stepped(loss, tokens=x.numel(), flops=flops_per_step)
+    best_path = run.finish()
 
-    # ---- 3. did it help? language scores of the best checkpoint (compare with phase 2 and the control)
+    # ---- 3. report: did it help? language scores of the best checkpoint (compare phase 2, the control)
     if run.master and not args.images:
-        best = build_model(load_checkpoint(best_path, PHASE)).to(run.device)
+        best = place(build_model(load_checkpoint(best_path, "phase3")), run)
         result = language_scores(best, sp, args.world_dir, run.device)
-        result["best_val_loss"] = best_val
+        result["best_val_loss"] = run.best_val
         print(f"{args.out_name}: world minimal pairs {100 * result['mp']:.1f}% | on held-out combos "
               f"{100 * result['mp_heldout']:.1f}% | loss on held-out descriptions {result['desc_loss']:.4f} "
               f"(held-out-combo lines {result['desc_heldout_loss']:.4f})")
-        with open(os.path.join(out, "results.json"), "w") as f:
+        with open(os.path.join(run.out, "results.json"), "w") as f:
             json.dump(result, f, indent=1)
     cleanup(run)
 
@@ -347,19 +295,6 @@ def sheet_of_examples(images, rows, path, k=16):
     k = min(k, len(rows))
     contact_sheet(path, [np.asarray(images[r["image"]]) for r in rows[:k]],
                   [f"{r['caption']} ({r['logprob']:.2f})" for r in rows[:k]], images.shape[1])
-
-
-def language_scores(model, sp, world_dir, device):
-    """World minimal pairs (all paradigms; held-out-combo paradigms alone) and loss on held-out descriptions."""
-    pairs = read_jsonl(os.path.join(world_dir, "minimal_pairs.jsonl"))
-    seen = [p for p in pairs if not p.get("heldout")]
-    held = [p for p in pairs if p.get("heldout")]
-    desc = [l.strip() for l in open(os.path.join(world_dir, "descriptions_test.txt")) if l.strip()]
-    desc_h = [l.strip() for l in open(os.path.join(world_dir, "descriptions_test_heldout.txt")) if l.strip()]
-    return {"mp": minimal_pairs(model, sp, seen, device)["macro"],
-            "mp_heldout": minimal_pairs(model, sp, held, device)["macro"],
-            "desc_loss": text_loss(model, sp, desc, device)["loss"],
-            "desc_heldout_loss": text_loss(model, sp, desc_h, device)["loss"]}
 
 
 if __name__ == "__main__":

@@ -27,20 +27,21 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from common import (UserError, add_run_args, all_reduce_mean, check_finite, check_range, check_resume_flags,
-                    check_weights_finite, checkpoint_tokenizer, cleanup, cli, ensure_world, fmt_speed, load_checkpoint,
-                    lr_at, make_checkpoint, make_optimizer, Meter, resume_training, save_checkpoint, set_lr, setup,
-                    StopFlag, wrap_model)
+from common import (UserError, Run, add_run_args, all_reduce_mean, check_args, checkpoint_tokenizer, cleanup, cli,
+                    ensure_world, load_checkpoint, lr_at, make_optimizer, place, set_lr, to_device, wrap_model)
 from data.images import split_indices
-from data.vqa import (answers_by_type, load_vqav2, load_world_vqa, split_by_image, vqav2_candidates,
-                      world_candidates)
-from eval import vqa_accuracy, vqa_answer_ids, vqa_generate, vqa_prompt, vqa_rank
+from data.text import replay_step, text_of_phase1
+from data.vqa import answers_by_type, load_vqav2, load_world_vqa, split_by_image
+from eval import vqa_answer_ids, vqa_generate, vqa_prompt, vqa_report
 from model import VLM, build_model
 from tokenizer import PAD
 
-PHASE = "phase4"
+LIMITS = {"batch_size": (1, None), "max_steps": (1, None), "warmup": (0, None), "eval_interval": (1, None),
+          "eval_batches": (1, None), "log_interval": (1, None), "n_test": (0, None), "max_answer_tokens": (1, None),
+          "min_lr_frac": (0, 1), "vqa_val_frac": (("above", 0), 0.5), "text_frac": (0, 0.5),  # 0.5: every other step
+          "weight_decay": (0, None), "grad_clip": (0, None), "lr_vision": (("above", 0), None),
+          "lr_decoder": (("above", 0), None)}
 # --init: folder under out_dir -> (the phase its best.pt holds, the command that makes it)
 INITS = {"phase3": ("phase3", "python phase3_synth.py"), "phase2": ("phase2", "python phase2_caption.py"),
          "phase3_control": ("phase3", "python phase3_synth.py --synthetic_frac 0")}
@@ -63,7 +64,7 @@ def parse_args(argv=None):
     p.add_argument("--text_frac", type=float, default=0.1,
                    help="fraction of steps that replay phase 1 text, so answering questions does not erase language")
     p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--max_steps", type=int, default=760, help="~4 min on 2 idle CPU cores, test included")
+    p.add_argument("--max_steps", type=int, default=760, help="sized to fit the CPU time budget of reproduce.sh")
     p.add_argument("--lr_vision", type=float, default=1e-3, help="ViT + projector")
     p.add_argument("--lr_decoder", type=float, default=1e-3, help="the decoder")
     p.add_argument("--freeze_decoder", action="store_true")
@@ -78,18 +79,9 @@ def parse_args(argv=None):
     p.add_argument("--log_interval", type=int, default=25)
     p.add_argument("--n_test", type=int, default=1000, help="held-out questions answered at the end")
     p.add_argument("--max_answer_tokens", type=int, default=12, help="longer answers are cut; also the generation limit")
-    add_run_args(p, PHASE)
+    add_run_args(p, "phase4")
     args = p.parse_args(argv)
-    for name, lo in [("batch_size", 1), ("max_steps", 1), ("warmup", 0), ("eval_interval", 1), ("eval_batches", 1),
-                     ("log_interval", 1), ("n_test", 0), ("max_answer_tokens", 1)]:
-        check_range(name, getattr(args, name), lo=lo)
-    check_range("min_lr_frac", args.min_lr_frac, lo=0, hi=1)
-    check_range("vqa_val_frac", args.vqa_val_frac, lo=0, hi=0.5, lo_open=True)
-    check_range("text_frac", args.text_frac, lo=0, hi=0.5)  # every round(1/frac)-th step: 0.5 = every other one
-    check_range("weight_decay", args.weight_decay, lo=0)
-    check_range("grad_clip", args.grad_clip, lo=0)
-    for name in ("lr_vision", "lr_decoder"):
-        check_range(name, getattr(args, name), lo=0, lo_open=True)
+    check_args(args, LIMITS)
     vqa = [args.vqa_questions, args.vqa_annotations, args.vqa_images]
     if any(vqa) and not all(vqa):
         raise UserError("VQAv2 data needs all three of --vqa_questions, --vqa_annotations and --vqa_images")
@@ -160,12 +152,6 @@ def vqa_batch(data, idx):
     return images[torch.from_numpy(np.argsort(order))], x, y
 
 
-def to_run(run, *ts):
-    if run.device_type == "cuda":
-        return [t.pin_memory().to(run.device, non_blocking=True) for t in ts]
-    return [t.to(run.device) for t in ts]
-
-
 @torch.no_grad()
 def evaluate(model, val, args, run):
     """Answer loss on the first eval_batches*batch_size val questions."""
@@ -173,7 +159,7 @@ def evaluate(model, val, args, run):
     losses = []
     n = min(len(val.rows), args.eval_batches * args.batch_size)
     for b0 in range(0, n, args.batch_size):
-        imgs, x, y = to_run(run, *vqa_batch(val, np.arange(b0, min(b0 + args.batch_size, n))))
+        imgs, x, y = to_device(run, *vqa_batch(val, np.arange(b0, min(b0 + args.batch_size, n))))
         with run.autocast:
             _, loss = model(imgs, x, y)
         losses.append(loss.item())
@@ -181,67 +167,29 @@ def evaluate(model, val, args, run):
     return all_reduce_mean(float(np.mean(losses)), run)
 
 
-def test_report(model, sp, test, ranked, n, vqav2, args, device):
-    """Accuracy by type on the first n test questions: majority baseline, greedy, ranked.
-    Returns {type: {n, majority, greedy, ranked}} with an 'all' entry, and the greedy answers."""
-    rows = test.rows[:n]
-    imgs = np.asarray(test.images[test.image[:n]])  # one image per question
-    questions = [r["question"] for r in rows]
-    greedy = vqa_generate(model, sp, imgs, questions, max_new_tokens=args.max_answer_tokens, device=device)
-    cands = [vqav2_candidates(r, ranked) if vqav2 else world_candidates(r, ranked) for r in rows]
-    chosen = vqa_rank(model, sp, imgs, questions, cands, device=device)
-    majority = {t: answers[0] for t, answers in ranked.items()}
-    per = {}
-    for r, g, c in zip(rows, greedy, chosen):
-        for t in (r["type"], "all"):
-            s = per.setdefault(t, {"n": 0, "majority": 0.0, "greedy": 0.0, "ranked": 0.0})
-            s["n"] += 1
-            s["majority"] += vqa_accuracy(majority.get(r["type"], ""), r["answers"])
-            s["greedy"] += vqa_accuracy(g, r["answers"])
-            s["ranked"] += vqa_accuracy(c, r["answers"])
-    for s in per.values():
-        for k in ("majority", "greedy", "ranked"):
-            s[k] /= s["n"]
-    order = sorted(t for t in per if t != "all") + ["all"]
-    return {t: per[t] for t in order}, greedy
-
-
-def print_table(per):
-    print(f"{'type':<12} | {'n':>5} | {'majority':>8} | {'greedy':>7} | {'ranked':>7}")
-    print("-" * 51)
-    for t, s in per.items():
-        print(f"{t:<12} | {s['n']:>5} | {100 * s['majority']:>7.1f}% | {100 * s['greedy']:>6.1f}% | "
-              f"{100 * s['ranked']:>6.1f}%")
-
-
 def main(argv=None):
     args = parse_args(argv)
-    run = setup(args)
-    if args.batch_size % run.world_size:
-        raise UserError(f"--batch_size={args.batch_size} must be divisible by the {run.world_size} processes")
-    out = os.path.join(args.out_dir, PHASE)
-    best_path, last_path = os.path.join(out, "best.pt"), os.path.join(out, "last.pt")
-    prev_path = os.path.join(args.out_dir, args.init, "best.pt")
+    # a resume must keep the optimizer's parameter groups and what the val loss means
+    run = Run(args, "phase4", same_on_resume=("freeze_decoder", "freeze_vit", "batch_size", "eval_batches"))
 
     # ---- the VLM: from the chosen earlier phase, or everything back from last.pt
-    gen = torch.Generator().manual_seed(args.seed)
-    step, best_val = 0, float("inf")
-    if args.resume:
-        ckpt = load_checkpoint(last_path, PHASE, run_first="python phase4_vqa.py")
-        src, src_path = ckpt, last_path
+    ckpt = run.last_checkpoint()
+    if ckpt:
+        src, src_path = ckpt, run.last_path
     else:
         phase, command = INITS[args.init]
-        src, src_path = load_checkpoint(prev_path, phase, run_first=command), prev_path
+        src_path = os.path.join(args.out_dir, args.init, "best.pt")
+        src = load_checkpoint(src_path, phase, run_first=command)
     if not src.get("vit_config"):
         raise UserError(f"{src_path} holds no vision model; phase 4 needs a phase 2 or phase 3 VLM")
     sp = checkpoint_tokenizer(src, src_path)
-    model = build_model(src).to(run.device)
+    model = place(build_model(src), run)
     assert isinstance(model, VLM)
     P = model.projector.num_tokens()
+
+    # ---- data: (image, question, answer) triples, prompts and answers tokenized once
     data, ranked = load_vqa_data(args, sp, model.vit.cfg.image_size, model.decoder.cfg.max_seq_len - P, run)
     train, val = data["train"], data["val"]
-    vqav2 = bool(args.vqa_questions)
-
     for p in model.decoder.parameters():
         p.requires_grad_(not args.freeze_decoder)
     for p in model.vit.parameters():
@@ -249,72 +197,44 @@ def main(argv=None):
     groups = [(list(model.vit.named_parameters()) + list(model.projector.named_parameters()), args.lr_vision),
               (model.decoder.named_parameters(), args.lr_decoder)]
     optimizer = make_optimizer(groups, args.weight_decay, (0.9, 0.95), run.device_type)
-    if args.resume:
-        check_resume_flags(ckpt, args, last_path, ("freeze_decoder", "freeze_vit", "batch_size", "eval_batches"))
-        resume_training(ckpt, optimizer, {"data": gen}, last_path)
-        step, best_val = ckpt["step"], ckpt["best_val"]
-        if run.master:
-            print(f"resumed from {last_path} at step {step} (best val {best_val:.4f})")
+    run.start(model, optimizer, src["tokenizer"], ckpt)
     dmodel = wrap_model(model, run, args.compile)
 
     # phase 1 text replay: every k-th step is a text batch instead of a question batch
     # (pointless, and nothing to backpropagate into, when the decoder is frozen)
     text_every = round(1 / args.text_frac) if args.text_frac > 0 and not args.freeze_decoder else 0
     if text_every:
-        import phase1_text
-        p1_path = os.path.join(args.out_dir, "phase1", "best.pt")
-        p1 = load_checkpoint(p1_path, "phase1", run_first="python phase1_text.py` (phase 4 replays its text), or pass `--text_frac 0")
-        text_train, _ = phase1_text.text_of_phase1(p1, args.out_dir, run)
-
+        p1 = load_checkpoint(os.path.join(args.out_dir, "phase1", "best.pt"), "phase1",
+                             run_first="python phase1_text.py` (phase 4 replays its text), or pass `--text_frac 0")
+        text_train, _ = text_of_phase1(p1, args.out_dir, run)
     mean_len = float(np.mean([len(p) + len(a) for p, a in zip(train.prompts[:2000], train.answers[:2000])]))
     flops_per_sample = model.flops_per_sample(mean_len)
-    if run.master:
-        types = ", ".join(f"{t} {len(a)}" for t, a in sorted(ranked.items()))
-        print(f"device {run.device} x{run.world_size} | {len(train.rows):,} train questions on {len(set(train.image)):,} "
-              f"images | {len(val.rows):,} val | {P} image tokens | from {src_path} | answers per type: {types}")
-        if text_every:
-            print(f"1 step in {text_every} replays a batch of phase 1 text ({len(text_train):,} tokens)")
+    types = ", ".join(f"{t} {len(a)}" for t, a in sorted(ranked.items()))
+    run.log(f"device {run.device} x{run.world_size} | {len(train.rows):,} train questions on {len(set(train.image)):,} "
+            f"images | {len(val.rows):,} val | {P} image tokens | from {src_path} | answers per type: {types}")
+    if text_every:
+        run.log(f"1 step in {text_every} replays a batch of phase 1 text ({len(text_train):,} tokens)")
 
-    def checkpoint(val_loss, with_optimizer):
-        return make_checkpoint(model, PHASE, src["tokenizer"], step, val_loss, best_val, args,
-                               optimizer if with_optimizer else None, {"data": gen})
-
-    def show_samples(k=4):
-        idx = np.arange(min(k, len(val.rows)))
-        imgs = np.asarray(val.images[val.image[idx]])
-        answers = vqa_generate(model, sp, imgs, [val.rows[i]["question"] for i in idx], device=run.device)
-        for i, a in zip(idx, answers):
-            tqdm.write(f"   {val.rows[i]['question']}  model: {a} | ref: {val.rows[i]['answer']}")
-
-    # ---- training loop
-    stop = StopFlag()
-    meter = Meter(run)
-    pbar = tqdm(total=args.max_steps, initial=step, disable=not run.master or args.quiet, desc=PHASE, dynamic_ncols=True)
-    val_loss = float("nan")
+    # ---- training loop: answer questions, loss on the answer tokens only
     while True:
-        last_step = step >= args.max_steps  # >=: a resumed run may already be past it
-        if step % args.eval_interval == 0 or last_step:
-            val_loss = evaluate(dmodel, val, args, run)
-            if run.master:
-                tqdm.write(f"step {step} | val answer loss {val_loss:.4f}")
-                if step > 0:
-                    show_samples()
-                if val_loss < best_val:
-                    best_val = val_loss
-                    save_checkpoint(checkpoint(val_loss, False), best_path)
-                save_checkpoint(checkpoint(val_loss, True), last_path)
-            meter.reset()
-        if last_step:
+        if run.eval_due(args.eval_interval, args.max_steps):
+            run.evaluated(evaluate(dmodel, val, args, run), "val answer loss")
+            if run.master and run.step > 0:
+                idx = np.arange(min(4, len(val.rows)))
+                answers = vqa_generate(model, sp, np.asarray(val.images[val.image[idx]]),
+                                       [val.rows[i]["question"] for i in idx], device=run.device)
+                for i, a in zip(idx, answers):
+                    run.log(f"   {val.rows[i]['question']}  model: {a} | ref: {val.rows[i]['answer']}")
+        if run.step >= args.max_steps:
             break
-
-        set_lr(optimizer, lr_at(step, 1.0, args.max_steps, args.warmup, args.min_lr_frac))
-        replay = " (text replay)" if text_every and step % text_every == text_every - 1 else ""
+        set_lr(optimizer, lr_at(run.step, 1.0, args.max_steps, args.warmup, args.min_lr_frac))
+        replay = " (text replay)" if text_every and run.step % text_every == text_every - 1 else ""
         if replay:
-            loss, counts = phase1_text.replay_step(model.decoder, text_train, args.batch_size, gen, run)
+            loss, counts = replay_step(model.decoder, text_train, args.batch_size, run.gen, run)
         else:
-            idx = torch.randint(len(train.rows), (args.batch_size,), generator=gen).numpy()
+            idx = torch.randint(len(train.rows), (args.batch_size,), generator=run.gen).numpy()
             idx = idx[run.rank::run.world_size]  # same global batch, each rank its own rows
-            imgs, x, y = to_run(run, *vqa_batch(train, idx))
+            imgs, x, y = to_device(run, *vqa_batch(train, idx))
             n_tok = int((y >= 0).sum())
             with run.autocast:
                 _, loss = dmodel(imgs, x, y)
@@ -326,40 +246,18 @@ def main(argv=None):
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_value = all_reduce_mean(loss.item(), run)  # mean over ranks, the same on every rank
-        check_finite(loss_value, step, out)
-        step += 1
-        meter.add(**counts)
-        pbar.update(1)
-        if run.master and step % args.log_interval == 0:
-            tqdm.write(f"step {step} | loss {loss_value:.4f}{replay} | lr {optimizer.param_groups[0]['lr']:.2e} | "
-                       f"{fmt_speed(meter.report())}")
-        if stop.agreed(run):
-            if run.master:
-                check_weights_finite(model, step, out)
-                save_checkpoint(checkpoint(val_loss, True), last_path)
-                tqdm.write(f"interrupted: saved {last_path} at step {step}; continue with --resume")
-            cleanup(run)
-            sys.exit(130 if stop.signum == 2 else 143)
-    pbar.close()
-    stop.release()
+        run.stepped(loss, replay, **counts)
+    best_path = run.finish()
 
-    # ---- held-out questions from the best checkpoint
+    # ---- report: held-out questions from the best checkpoint, against the majority answer
     if run.master and args.n_test > 0:
-        best = build_model(load_checkpoint(best_path, PHASE)).to(run.device)
-        test = data["test"]
-        n = min(args.n_test, len(test.rows))
-        per, greedy = test_report(best, sp, test, ranked, n, vqav2, args, run.device)
-        where = "held-out images" if vqav2 else "held-out world images (vqa_test)"
-        print(f"{where}: accuracy by question type on {n} questions (init {args.init})")
-        print_table(per)
-        for r, g in list(zip(test.rows, greedy))[:5]:
-            print(f"   {r['question']}  model: {g} | ref: {r['answer']}")
-        result = {"best_val_loss": best_val, "n_test": n, "init": args.init, "steps": step, "by_type": per}
-        with open(os.path.join(out, "results.json"), "w") as f:
+        best = place(build_model(load_checkpoint(best_path, "phase4")), run)
+        vqav2 = bool(args.vqa_questions)
+        per, n = vqa_report(best, sp, data["test"], ranked, args.n_test, vqav2, args.max_answer_tokens, run.device)
+        result = {"best_val_loss": run.best_val, "n_test": n, "init": args.init, "steps": run.step, "by_type": per}
+        with open(os.path.join(run.out, "results.json"), "w") as f:
             json.dump(result, f, indent=1)
-    if run.master:
-        print(f"done: best val answer loss {best_val:.4f} -> {best_path}")
+    run.log(f"done: best val answer loss {run.best_val:.4f} -> {best_path}")
     cleanup(run)
 
 

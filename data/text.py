@@ -1,5 +1,7 @@
 """
-Text corpora -> sentence-level samples -> token ids in a .npy file that training memory-maps.
+Text corpora -> sentence-level samples -> token ids in a .npy file that training memory-maps, and the
+text batches every phase draws from them (phase 1 learns from them, phases 2-4 replay them, phase 3
+mixes them with its own captions).
 
 Two sources:
   * the built-in world's phase 1 corpus (one utterance per line), and
@@ -9,13 +11,17 @@ BabyLM files are messy (one long line per file, inline `*CHI:` speaker tags, `A:
 like the paper we cut them into utterances/sentences, drop very short ones and truncate long ones.
 """
 import glob
+import hashlib
+import json
 import os
 import re
 import sys
 
 import numpy as np
+import torch
 
-from common import UserError
+from common import UserError, all_reduce_mean, to_device
+from tokenizer import BOS, EOS, load_tokenizer, train_tokenizer
 
 # CHILDES '*CHI:' / '*PAR1:' / '*A:' speaker tags and '%com:' comment tiers, switchboard 'A:\t' turns
 SPEAKER = re.compile(r"(?m)\*[A-Z][A-Z0-9]{0,3}:\s*|%[a-z]{2,4}:[^*]*|^[A-Z]{1,3}:\t")
@@ -103,3 +109,170 @@ def unigram_entropy(stream, vocab_size):
     counts = np.bincount(np.asarray(stream, dtype=np.int64), minlength=vocab_size).astype(np.float64)
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
+
+
+# -----------------------------------------------------------------------------
+# Phase 1's corpus, prepared once per out dir: tokenizer + token streams
+
+def prepare_text(out_dir, data_dir, world_dir, vocab_size, seq_len, run):
+    """Text lines -> tokenizer (trained once, saved in out_dir) -> train/val token streams (.npy,
+    memory-mapped). data_dir: a BabyLM-format folder, or "" for the built-in world's phase 1 text.
+    Only rank 0 writes; the other ranks wait and read. Returns (tokenizer, its path, train, val)."""
+    os.makedirs(out_dir, exist_ok=True)
+    tok_path = os.path.join(out_dir, "tokenizer.model")
+    source = os.path.abspath(data_dir) if data_dir else "world:" + os.path.abspath(world_dir)
+    vocab = vocab_size or (4096 if data_dir else 512)
+    key = hashlib.sha1(f"{source}|{vocab}".encode()).hexdigest()[:10]
+    train_path, val_path = (os.path.join(out_dir, "tokens", f"phase1_{key}_{s}.npy") for s in ("train", "val"))
+    info_path = os.path.join(out_dir, "data.json")
+    fingerprint = source_fingerprint(data_dir, world_dir) if run.master else None  # hashes the corpus once
+    if run.master and os.path.exists(tok_path) and os.path.exists(info_path):
+        # one tokenizer per out_dir: later phases and checkpoints there depend on it, so never replace it
+        info = read_info(info_path)
+        if info.get("source") != source:
+            raise UserError(f"{out_dir} already holds a tokenizer for {info.get('source')}; "
+                            "use another --out_dir for a different corpus")
+        if info.get("requested_vocab", vocab) != vocab:
+            raise UserError(f"{out_dir} already holds a {info['requested_vocab']}-piece tokenizer; "
+                            f"use another --out_dir for --vocab_size={vocab}")
+        if "fingerprint" in info and info["fingerprint"] != fingerprint:
+            raise UserError(f"the text in {source.removeprefix('world:')} changed since {out_dir} was prepared "
+                            "from it; use another --out_dir (its tokenizer and checkpoints belong to the old text)")
+    if run.master and not (os.path.exists(train_path) and os.path.exists(val_path) and os.path.exists(tok_path)):
+        if data_dir:
+            train_lines, val_lines = read_babylm_folder(data_dir)
+            tok_lines = train_lines
+        else:
+            from data.world import ensure_built
+            ensure_built(world_dir)
+            train_lines = read_lines(os.path.join(world_dir, "text_train.txt"))
+            val_lines = read_lines(os.path.join(world_dir, "text_val.txt"))
+            # the tokenizer also sees the caption/QA text later phases use, so every word of the
+            # world is a piece from the start (the model itself only sees phase 1 text here)
+            tok_lines = train_lines + world_extra_text(world_dir)
+        requested = vocab
+        if os.path.exists(tok_path) and os.path.exists(info_path):  # same corpus (checked above): reuse it
+            sp = load_tokenizer(tok_path)
+            requested = read_info(info_path).get("requested_vocab", vocab)
+        else:
+            print(f"training a {vocab}-piece BPE tokenizer on {len(tok_lines):,} lines -> {tok_path}")
+            sp = train_tokenizer(tok_lines, tok_path, vocab)
+        tokenize_lines(train_lines, sp, train_path, BOS, EOS)
+        tokenize_lines(val_lines, sp, val_path, BOS, EOS)
+        with open(info_path, "w") as f:
+            json.dump({"source": source, "vocab_size": sp.get_piece_size(), "requested_vocab": requested,
+                       "fingerprint": fingerprint, "world_dir": world_dir, "data_dir": data_dir}, f, indent=1)
+    if run.ddp:
+        import torch.distributed as dist
+        dist.barrier()
+    sp = load_tokenizer(tok_path)
+    train = np.load(train_path, mmap_mode="r")
+    val = np.load(val_path, mmap_mode="r")
+    if len(train) <= seq_len + 1 or len(val) <= seq_len + 1:
+        raise UserError(f"corpus too small for --seq_len={seq_len}: {len(train)} train / {len(val)} val tokens")
+    return sp, tok_path, train, val
+
+
+def source_fingerprint(data_dir, world_dir):
+    """A hash of what phase 1 reads, so tokens and a tokenizer made from older text are never reused: the
+    BabyLM files' bytes, or the world's meta.json (its seed, scale and format decide every file)."""
+    if data_dir:
+        files = sorted(glob.glob(os.path.join(data_dir, "*.train")) + glob.glob(os.path.join(data_dir, "*.dev")))
+    else:
+        from data.world import ensure_built
+        ensure_built(world_dir)
+        files = [os.path.join(world_dir, "meta.json")]
+    h = hashlib.sha1()
+    for path in files:
+        h.update(os.path.basename(path).encode() + b"\0")
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def read_info(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def world_extra_text(world_dir):
+    lines = []
+    with open(os.path.join(world_dir, "caption_train.jsonl")) as f:
+        for row in f:
+            lines += json.loads(row)["captions"]
+    with open(os.path.join(world_dir, "vqa_train.jsonl")) as f:
+        for row in f:
+            qa = json.loads(row)
+            lines.append(f"{qa['question']} {qa['answer']}")
+    return lines
+
+
+def text_of_phase1(p1_ckpt, out_dir, run):
+    """Phase 1's (train, val) token streams for a later phase: the corpus phase 1 recorded in out_dir's
+    data.json (by absolute path), tokenized with out_dir's tokenizer, which every checkpoint there shares.
+    Not the folders phase 1's args name: those may be relative to another directory, or renamed since."""
+    a = p1_ckpt["args"]
+    data_dir, world_dir = a.get("data_dir", ""), a.get("world_dir", "data/world")
+    info_path = os.path.join(out_dir, "data.json")
+    source = read_info(info_path).get("source", "") if os.path.exists(info_path) else ""
+    if source.startswith("world:"):
+        world_dir, data_dir = source.removeprefix("world:"), ""
+    elif source:
+        data_dir = source
+    _, _, train, val = prepare_text(out_dir, data_dir, world_dir, a.get("vocab_size", 0), a["seq_len"], run)
+    return train, val
+
+
+# -----------------------------------------------------------------------------
+# Batches of text
+
+def get_batch(stream, batch_size, seq_len, gen, run):
+    """Random windows of seq_len+1 tokens from the packed stream -> inputs x and targets y (B, T), y
+    being x shifted by one. Every rank draws the same global batch (same generator) and keeps its own
+    rows, so N ranks = one process with the same batch."""
+    starts = torch.randint(len(stream) - seq_len - 1, (batch_size,), generator=gen)
+    starts = starts[run.rank::run.world_size].numpy()
+    xy = torch.from_numpy(np.stack([stream[s:s + seq_len + 1] for s in starts]).astype(np.int64))  # (b, T+1)
+    return to_device(run, xy[:, :-1], xy[:, 1:])
+
+
+@torch.no_grad()
+def val_loss(model, stream, batch_size, seq_len, iters, run):
+    """Mean loss over the same `iters` batches every time (own generator: the training RNG is untouched)."""
+    model.eval()
+    gen = torch.Generator().manual_seed(1234)
+    losses = []
+    for _ in range(iters):
+        x, y = get_batch(stream, batch_size, seq_len, gen, run)
+        with run.autocast:
+            _, loss = model(x, y)
+        losses.append(loss.item())
+    model.train()
+    return all_reduce_mean(float(np.mean(losses)), run)
+
+
+REPLAY_LEN = 64  # phases 2 and 4 replay phase 1 text in windows about as long as their own sequences
+
+
+def replay_batch(stream, batch_size, decoder_cfg, gen, run):
+    """A phase 1 text batch for a later phase's replay step, never longer than the decoder's context."""
+    return get_batch(stream, batch_size, min(REPLAY_LEN, decoder_cfg.max_seq_len), gen, run)
+
+
+def replay_step(decoder, stream, batch_size, gen, run):
+    """Forward + backward of one phase 1 text batch through a VLM's decoder, so a later phase does not
+    erase language. Returns (loss, meter counts).
+    The decoder is called outside DDP's forward (the VLM's wants images), so DDP averages nothing: the
+    gradients are averaged over ranks here, as DDP would have done."""
+    x, y = replay_batch(stream, batch_size, decoder.cfg, gen, run)
+    with run.autocast:
+        _, loss = decoder(x, y)
+    loss.backward()
+    if run.ddp:
+        import torch.distributed as dist
+        for p in decoder.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad.div_(run.world_size)
+    return loss.detach(), dict(tokens=x.numel(), flops=decoder.flops_per_token(x.size(1)) * x.numel())

@@ -312,11 +312,11 @@ def test_script_on_vqav2_fixture(world, tmp_path, capsys):
 
 
 def test_text_replay_windows_fit_the_decoder():
-    import phase1_text
+    from data import text
     run = SimpleNamespace(rank=0, world_size=1, device_type="cpu", device="cpu")
     stream = np.arange(1000, dtype=np.uint16)
     g = torch.Generator().manual_seed(0)
-    for max_len, want in ((256, phase1_text.REPLAY_LEN), (32, 32)):
-        x, y = phase1_text.replay_batch(stream, 4, DecoderConfig(max_seq_len=max_len), g, run)
+    for max_len, want in ((256, text.REPLAY_LEN), (32, 32)):
+        x, y = text.replay_batch(stream, 4, DecoderConfig(max_seq_len=max_len), g, run)
         assert x.shape == y.shape == (4, want)
         assert torch.equal(y[:, :-1], x[:, 1:])  # targets are the inputs shifted by one

@@ -308,17 +308,18 @@ def test_an_out_dir_keeps_its_tokenizer(world, phase1_dir, copy_run):
     import phase1_text
     from types import SimpleNamespace
     from common import UserError
+    from data.text import prepare_text
     d = copy_run(phase1_dir)
     other = os.path.join(d, "other_world")
     os.symlink(world, other)  # the same files under another path: another source as far as the out_dir knows
     before = hashes(out_of(d))
     args = phase1_text.parse_args(["--world_dir", other, "--out_dir", out_of(d), *TINY_P1])
-    run = SimpleNamespace(master=True, ddp=False)  # what prepare_data reads (setup() would reseed and set devices)
+    run = SimpleNamespace(master=True, ddp=False)  # what prepare_text reads (setup() would reseed and set devices)
     with pytest.raises(UserError, match="already holds a tokenizer"):
-        phase1_text.prepare_data(args, run)
+        prepare_text(args.out_dir, args.data_dir, args.world_dir, args.vocab_size, args.seq_len, run)
     args = phase1_text.parse_args(["--world_dir", world, "--out_dir", out_of(d), "--vocab_size", "600", *TINY_P1])
     with pytest.raises(UserError, match="already holds a 512-piece tokenizer"):
-        phase1_text.prepare_data(args, run)
+        prepare_text(args.out_dir, args.data_dir, args.world_dir, args.vocab_size, args.seq_len, run)
     assert hashes(out_of(d)) == before
 
 
@@ -617,25 +618,26 @@ def test_a_changed_corpus_is_refused(tmp_path):
     import phase1_text
     from types import SimpleNamespace
     from common import UserError
+    from data.text import prepare_text
     data, out = tmp_path / "babylm", str(tmp_path / "out")
     data.mkdir()
     (data / "a.train").write_text("the cat sat on the mat .\nwhere is the ball ?\n" * 300)
     args = phase1_text.parse_args(["--data_dir", str(data), "--out_dir", out, "--vocab_size", "300", "--seq_len", "16"])
     run = SimpleNamespace(master=True, ddp=False)
-    phase1_text.prepare_data(args, run)
+    prepare_text(args.out_dir, args.data_dir, args.world_dir, args.vocab_size, args.seq_len, run)
     before = hashes(out)
-    phase1_text.prepare_data(args, run)  # unchanged: the cached tokens are used
+    prepare_text(args.out_dir, args.data_dir, args.world_dir, args.vocab_size, args.seq_len, run)  # unchanged: the cached tokens are used
     (data / "a.train").write_text("the dog ran to the park .\n" * 300)
     with pytest.raises(UserError, match="changed since .* use another --out_dir"):
-        phase1_text.prepare_data(args, run)
+        prepare_text(args.out_dir, args.data_dir, args.world_dir, args.vocab_size, args.seq_len, run)
     assert hashes(out) == before
 
 
 def test_later_phases_find_phase1_text_in_a_moved_out_dir(tmp_path, monkeypatch, phase1_dir):
     """Phases 2-4 replay phase 1's text from the --out_dir they are given, not from the (relative, maybe
     renamed) out_dir phase 1 ran with: nothing is re-tokenized or written anywhere else."""
-    import phase1_text
     from types import SimpleNamespace
+    from data.text import prepare_text, text_of_phase1
     moved = str(tmp_path / "moved_out")
     shutil.copytree(out_of(phase1_dir), moved)
     elsewhere = tmp_path / "elsewhere"
@@ -643,9 +645,9 @@ def test_later_phases_find_phase1_text_in_a_moved_out_dir(tmp_path, monkeypatch,
     monkeypatch.chdir(elsewhere)  # phase 1 recorded --out_dir out, relative to its own folder
     before = hashes(moved)
     p1 = load(os.path.join(moved, "phase1", "best.pt"))
-    train, val = phase1_text.text_of_phase1(p1, moved, SimpleNamespace(master=True, ddp=False))
-    _, _, train0, val0 = phase1_text.prepare_data(phase1_text.parse_args(["--world_dir", p1["args"]["world_dir"],
-                                                                          "--out_dir", out_of(phase1_dir)]), SimpleNamespace(master=True, ddp=False))
+    train, val = text_of_phase1(p1, moved, SimpleNamespace(master=True, ddp=False))
+    _, _, train0, val0 = prepare_text(out_of(phase1_dir), "", p1["args"]["world_dir"], 0, 128,
+                                      SimpleNamespace(master=True, ddp=False))
     assert np.array_equal(train, train0) and np.array_equal(val, val0)
     assert os.listdir(elsewhere) == [] and hashes(moved) == before
 
