@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import fast_cpu
 from common import UserError, check_range, cli, cpu_matmul_peak, make_optimizer, peak_flops, setup
 from model import VLM, Decoder, DecoderConfig, ViTConfig, swiglu_hidden
 
@@ -32,6 +33,12 @@ CONFIGS = {
                 warmup=2, gen_batches=(1, 64), prompt_len=16, gen_tokens=32, gen_reps=3),
     "gpu": dict(d_model=768, n_layer=12, n_head=12, vocab_size=8192, seq_len=1024, batch=32, steps=30,
                 warmup=5, gen_batches=(1, 64), prompt_len=16, gen_tokens=32, gen_reps=3),
+    # the built-in world's phase 1 decoder, and its phase 2 VLM (phase 2's batch of 32 captions)
+    "world": dict(d_model=192, n_layer=4, n_head=4, vocab_size=512, seq_len=128, batch=32, steps=12,
+                  warmup=2, gen_batches=(1, 250), prompt_len=1, gen_tokens=32, gen_reps=3),
+    "world_vlm": dict(d_model=192, n_layer=4, n_head=4, vocab_size=512, seq_len=24, batch=32, steps=12,
+                      warmup=2, gen_batches=(250,), prompt_len=1, gen_tokens=32, gen_reps=3,
+                      vit=dict(image_size=32, patch_size=4, n_layer=3, n_head=4, d_model=128, merge=2)),
     # VLM training step: 32x32 images, 4x4 patches merged 2x2 -> 16 image tokens, 20-token captions
     "vlm": dict(d_model=256, n_layer=6, n_head=8, vocab_size=4096, seq_len=20, batch=32, steps=12,
                 warmup=2, gen_batches=(1, 64), prompt_len=1, gen_tokens=20, gen_reps=3,
@@ -54,9 +61,9 @@ def parse_args(argv=None):
     p.add_argument("--seq_len", type=int, default=None, help="training sequence length (caption length for vlm)")
     p.add_argument("--skip_hf", action="store_true", help="do not compare with transformers' Llama")
     p.add_argument("--skip_gen", action="store_true", help="training only")
-    p.add_argument("--plain_loss_too", action="store_true",
-                   help="CPU: also time our training step with the LM head + loss over all logits at once "
-                        "(fast_cpu's chunked head loss off), interleaved with the others")
+    p.add_argument("--plain_too", action="store_true",
+                   help="CPU: also time model.py's plain path (fast_cpu.py off) on a copy of our model, "
+                        "interleaved with the others, in training and generation")
     p.add_argument("--gemm", action="store_true",
                    help="CPU: only time the config's matmul shapes, torch's default F.linear vs fast_cpu.Linear's oneDNN op")
     p.add_argument("--seed", type=int, default=1337)
@@ -238,20 +245,21 @@ def bench(args, cfg, run):
     g = torch.Generator().manual_seed(args.seed)
     tokens = torch.randint(0, V, (B, T + 1), generator=g)
     x, y = tokens[:, :-1].contiguous().to(dev), tokens[:, 1:].contiguous().to(dev)
+    plain = fast_cpu.revert(copy.deepcopy(top)) if args.plain_too else None  # same initial weights
     if is_vlm:
         s = cfg["vit"]["image_size"]
         images = torch.randint(0, 256, (B, s, s, 3), dtype=torch.uint8, generator=g).to(dev)
         model_c = torch.compile(vlm) if args.compile else vlm
         trainers = [Trainer("ours", vlm, lambda: model_c(images, x, y)[1], run, False)]
+        if plain is not None:
+            trainers.append(Trainer("ours_plain", plain, lambda: plain(images, x, y)[1], run, False))
         flops_step = B * vlm.flops_per_sample(T)
         res["images"] = f"{s}x{s}, {vlm.projector.num_tokens()} image tokens + {T} caption tokens"
     else:
         model_c = torch.compile(ours) if args.compile else ours
         trainers = [Trainer("ours", ours, lambda: model_c(x, y)[1], run, False)]
-        if args.plain_loss_too:  # our model again, same initial weights (the tied embedding stays tied)
-            plain = copy.deepcopy(ours)
-            plain.__class__ = Decoder  # model.py's head_loss: the LM head + loss over all logits at once
-            trainers.append(Trainer("ours_plain_loss", plain, lambda: plain(x, y)[1], run, False))
+        if plain is not None:
+            trainers.append(Trainer("ours_plain", plain, lambda: plain(x, y)[1], run, False))
         flops_step = B * T * ours.flops_per_token(T)
 
     hf = None
@@ -288,7 +296,7 @@ def bench(args, cfg, run):
     else:
         res["peak_mem_mib"] = max_rss_mib()
         res["peak_mem_label"] = ("process max RSS (resource.getrusage) after our training warmup, before any HF step"
-                                 + (" (--plain_loss_too: with the copy's weights)" if args.plain_loss_too else ""))
+                                 + (" (--plain_too: with the copy's weights)" if args.plain_too else ""))
 
     for tr in trainers[1:]:
         peaks[tr.name] = warmup(tr, cfg["warmup"], run)
@@ -310,13 +318,13 @@ def bench(args, cfg, run):
         # same weights, data, optimizer and step count: the losses agree (to fp rounding) or the
         # comparison is not like for like
         res["train_loss_diff"] = abs(res["train_ours"]["loss"] - res["train_hf"]["loss"])
-    if "train_ours_plain_loss" in res:
-        res["chunked_loss_speedup"] = res["train_ours"]["tok_s"] / res["train_ours_plain_loss"]["tok_s"]
-        res["chunked_loss_diff"] = abs(res["train_ours"]["loss"] - res["train_ours_plain_loss"]["loss"])
+    if plain is not None:  # same weights, data and optimizer: the losses agree to float rounding
+        res["fast_cpu_train_speedup"] = res["train_ours"]["tok_s"] / res["train_ours_plain"]["tok_s"]
+        res["fast_cpu_loss_diff"] = abs(res["train_ours"]["loss"] - res["train_ours_plain"]["loss"])
     for tr in trainers:  # free optimizer state before generation
         tr.opt = None
     if not args.skip_gen:
-        res["gen"] = bench_generation(cfg, ours, vlm, hf, run, args.seed)
+        res["gen"] = bench_generation(cfg, ours, vlm, hf, run, args.seed, plain)
     return res
 
 
@@ -338,7 +346,7 @@ def logits_diff(ours, hf, idx, run):
 
 
 @torch.no_grad()
-def bench_generation(cfg, ours, vlm, hf, run, seed):
+def bench_generation(cfg, ours, vlm, hf, run, seed, plain=None):
     """Greedy generation of exactly gen_tokens new tokens per row (no EOS) from prompt_len-token
     prompts, ours with and without the KV cache and HF generate, timed alternately; median of reps."""
     ours.eval()
@@ -362,6 +370,10 @@ def bench_generation(cfg, ours, vlm, hf, run, seed):
                 return ours.generate(prompt_lists, n_new, use_cache=use_cache)
 
         fns = {"cached": lambda: ours_gen(True), "uncached": lambda: ours_gen(False)}
+        if plain is not None:  # model.py's plain path, with the KV cache
+            plain.eval()
+            fns["plain_cached"] = ((lambda: plain.generate(images, prompt_lists, n_new)) if vlm is not None
+                                   else (lambda: plain.generate(prompt_lists, n_new)))
         if hf is not None:
             ids = prompts.to(run.device)
             attn = torch.ones_like(ids)
@@ -392,6 +404,8 @@ def bench_generation(cfg, ours, vlm, hf, run, seed):
                 raise RuntimeError(f"our {k} generation made {lens} tokens per row, expected {n_new}")
         same = torch.tensor(outputs["cached"]) == torch.tensor(outputs["uncached"])
         r["cached_vs_uncached_match"] = float(same.float().mean())
+        if plain is not None:
+            r["fast_cpu_gen_speedup"] = r["cached_tok_s"] / r["plain_cached_tok_s"]
         if hf is not None:
             hf_new = outputs["hf"][:, P:].cpu()
             if hf_new.shape != (Bg, n_new):
@@ -468,16 +482,18 @@ def print_table(res):
                               + (f" | MFU {100 * h['mfu']:.1f}%" if h["mfu"] is not None else ""))
         add("train ours / HF", f"{res['train_ratio']:.2f}x  (loss after {tr['steps_timed'] + res['warmup']} steps: "
                                f"ours {tr['loss']:.6f}, HF {h['loss']:.6f})")
-    if "train_ours_plain_loss" in res:
-        pl = res["train_ours_plain_loss"]
-        add("train ours, plain loss", f"{fmt_num(pl['tok_s'])} tok/s | {pl['ms_step']:.1f} ms/step  (chunked head loss "
-                                      f"{res['chunked_loss_speedup']:.2f}x faster; loss {pl['loss']:.6f})")
+    if "train_ours_plain" in res:
+        pl = res["train_ours_plain"]
+        add("train ours, plain model.py", f"{fmt_num(pl['tok_s'])} tok/s | {pl['ms_step']:.1f} ms/step  (fast_cpu.py "
+                                          f"{res['fast_cpu_train_speedup']:.2f}x faster; loss {pl['loss']:.6f})")
     if "gen" in res:
         gen = res["gen"]
         for Bg, r in gen["by_batch"].items():
             s = (f"cached {fmt_num(r['cached_tok_s'])} | uncached {fmt_num(r['uncached_tok_s'])}")
             if "hf_tok_s" in r:
                 s += f" | HF {fmt_num(r['hf_tok_s'])} | ours/HF {r['ratio_cached_vs_hf']:.2f}x"
+            if "plain_cached_tok_s" in r:
+                s += f" | plain model.py {fmt_num(r['plain_cached_tok_s'])} (fast_cpu.py {r['fast_cpu_gen_speedup']:.2f}x)"
             add(f"gen B={Bg} new tok/s", s)
             m = f"cached == uncached {100 * r['cached_vs_uncached_match']:.0f}%"
             if "ours_vs_hf_match" in r:
@@ -502,9 +518,8 @@ def main():
         cpu_matmul_peak()  # measure the CPU's peak before anything else loads the machine
     if args.compile and run.device_type != "cuda":
         print("note: --compile on CPU is allowed but rarely faster here", file=sys.stderr)
-    if args.plain_loss_too and (run.device_type != "cpu" or "vit" in CONFIGS[args.config] or args.compile):
-        raise UserError("--plain_loss_too compares the decoder's eager CPU loss paths: "
-                        "use --device cpu, a text config and no --compile")
+    if args.plain_too and (run.device_type != "cpu" or args.compile):
+        raise UserError("--plain_too compares fast_cpu.py's eager CPU path with model.py's: use --device cpu and no --compile")
     if args.gemm:
         if run.device_type != "cpu":
             raise UserError("--gemm compares CPU matmul libraries: run it with --device cpu")

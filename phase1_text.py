@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from common import (UserError, Run, add_run_args, check_args, cleanup, cli, grad_sync, lr_at, make_optimizer, place,
+from common import (UserError, Run, add_run_args, check_args, check_vocab, cleanup, cli, grad_sync, lr_at, make_optimizer, place,
                     set_lr, wrap_model)
 from data.text import get_batch, prepare_text, unigram_entropy, val_loss
 from model import Decoder, DecoderConfig
@@ -75,10 +75,8 @@ def main(argv=None):
     # ---- model: a fresh decoder (or the one in last.pt, same shape)
     ckpt = run.last_checkpoint()
     if ckpt:
+        check_vocab(ckpt, sp, run.last_path)
         cfg = DecoderConfig(**ckpt["decoder_config"])
-        if cfg.vocab_size != vocab:
-            raise UserError(f"{run.last_path} has vocab {cfg.vocab_size} but {tok_path} has {vocab}; "
-                            "resume with the same --out_dir and data")
         if args.seq_len > cfg.max_seq_len:
             raise UserError(f"--seq_len={args.seq_len} exceeds the resumed model's max_seq_len={cfg.max_seq_len}; "
                             f"resume with --seq_len {cfg.max_seq_len} or less")

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from common import (UserError, Run, add_run_args, check_args, checkpoint_tokenizer, cleanup, cli, ensure_world,
                     load_checkpoint, lr_at, make_optimizer, place, read_jsonl, set_lr, to_device, wrap_model)
-from data.images import load_world_split
+from data.images import load_image_array, load_world_split
 from data.text import text_of_phase1, tokenize_lines, val_loss
 from eval import caption_images, language_scores, sequence_logprobs
 from model import build_model
@@ -272,22 +272,11 @@ def main(argv=None):
 
 
 def load_unlabeled(args, run):
+    """The images to dream about: --images (a .npy array), or the world's unlabeled split."""
     if args.images:
-        if not os.path.exists(args.images):
-            raise UserError(f"--images {args.images} not found")
-        try:
-            images = np.load(args.images, mmap_mode="r")
-        except (ValueError, OSError) as e:  # not .npy, a pickle, an object array, a folder
-            raise UserError(f"--images {args.images} is not a .npy array of images ({e})")
-        if not isinstance(images, np.ndarray):  # e.g. an .npz archive
-            raise UserError(f"--images {args.images} must be one .npy array (N, H, W, 3), not an archive")
-        if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8 or len(images) == 0:
-            raise UserError(f"--images {args.images} must hold a uint8 array (N, H, W, 3) with N > 0, "
-                            f"not {images.dtype} {images.shape}")
-        return images
+        return load_image_array(args.images, "--images")
     ensure_world(args.world_dir, run)
-    images, _ = load_world_split(args.world_dir, "unlabeled")
-    return images
+    return load_world_split(args.world_dir, "unlabeled")[0]
 
 
 def sheet_of_examples(images, rows, path, k=16):

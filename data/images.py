@@ -117,3 +117,18 @@ def split_indices(n, val_frac, seed=0):
     perm = np.random.default_rng(seed).permutation(n)
     n_val = max(1, int(round(n * val_frac)))
     return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def load_image_array(path, what="images"):
+    """A .npy uint8 array (N, H, W, 3), memory-mapped; anything else is a one-line error."""
+    if not os.path.exists(path):
+        raise UserError(f"{what} {path} not found")
+    try:
+        images = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as e:  # not .npy, a pickle, an object array, a folder
+        raise UserError(f"{what} {path} is not a .npy array of images ({e})")
+    if not isinstance(images, np.ndarray):  # e.g. an .npz archive
+        raise UserError(f"{what} {path} must be one .npy array (N, H, W, 3), not an archive")
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8 or len(images) == 0:
+        raise UserError(f"{what} {path} must hold a uint8 array (N, H, W, 3) with N > 0, not {images.dtype} {images.shape}")
+    return images

@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import (P1_STEPS, ROOT, TIMEOUT, TINY_P1, TINY_P2, load, run_script, script_env, show, tensors,
@@ -31,6 +32,7 @@ def _same_run(a_dir, a_out, b_dir, b_out, phase, steps):
         assert torch.allclose(ta[k], tb[k], rtol=1e-4, atol=1e-5), (phase, k, (ta[k] - tb[k]).abs().max().item())
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tmp_path, world, phase1_dir):
     d = str(tmp_path / "ddp")
     os.makedirs(d)
@@ -50,6 +52,7 @@ def test_two_process_ddp_matches_one_process(tmp_path, world, phase1_dir):
     _same_run(d, r.stdout, phase1_dir, single, "phase1", P1_STEPS)
 
 
+@pytest.mark.slow
 def test_two_process_ddp_matches_one_process_in_phases_2_and_4(tmp_path, world, phase1_dir):
     # Both phases replay phase 1 text through the decoder alone, outside DDP's forward, so DDP does not
     # average those gradients: without the explicit all-reduce the two ranks drift apart at the first

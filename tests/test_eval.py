@@ -199,6 +199,7 @@ def save_tiny(model, out_dir, phase, sp_path):
     return path
 
 
+@pytest.mark.slow
 def test_cli_text_only_checkpoint_is_na_for_vision(sp, sp_path, tiny_world, tmp_path, capsys):
     out = str(tmp_path / "out")
     torch.manual_seed(0)
@@ -225,6 +226,7 @@ def test_cli_text_only_checkpoint_is_na_for_vision(sp, sp_path, tiny_world, tmp_
     assert os.path.getsize(os.path.join(out, "eval.png")) > 0
 
 
+@pytest.mark.slow
 def test_cli_blimp_on_text_only_out_dir(text_model, sp_path, tmp_path, capsys):
     out, blimp = str(tmp_path / "out"), tmp_path / "blimp"
     blimp.mkdir()
@@ -239,6 +241,7 @@ def test_cli_blimp_on_text_only_out_dir(text_model, sp_path, tmp_path, capsys):
     assert "| agree | 1.000 |" in printed and "| inverted | 0.000 |" in printed
 
 
+@pytest.mark.slow
 def test_cli_errors(sp, sp_path, tmp_path):
     with pytest.raises(UserError, match="phase1_text.py"):
         ev.main(["--out_dir", str(tmp_path / "empty"), "--no_world"])

@@ -14,6 +14,7 @@ class Captured(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_decoder_from_phase1_is_bit_identical_before_the_first_step(world, phase1_dir, monkeypatch):
     import phase2_caption
     seen = {}
@@ -39,6 +40,7 @@ def test_decoder_from_phase1_is_bit_identical_before_the_first_step(world, phase
         assert seen["decoder"][k].dtype == v.dtype and torch.equal(seen["decoder"][k], v), k
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir(COCO_MINI), reason="../shared/data/coco_mini not present")
 def test_runs_on_the_coco_format_sample(world, phase1_dir, copy_run):
     d = copy_run(phase1_dir)
@@ -56,6 +58,7 @@ def test_runs_on_the_coco_format_sample(world, phase1_dir, copy_run):
     assert ckpt["phase"] == "phase2" and ckpt["vit_config"]["image_size"] == 32
 
 
+@pytest.mark.slow
 def test_frozen_decoder_stays_bit_identical(world, phase1_dir, copy_run):
     """--freeze_decoder trains only the ViT + projector (and skips text replay: nothing to learn from it)."""
     d = copy_run(phase1_dir)
@@ -72,6 +75,7 @@ def test_frozen_decoder_stays_bit_identical(world, phase1_dir, copy_run):
     assert fresh and opt["muon"]["state"] and opt["adamw"]["state"], "the ViT + projector should have trained"
 
 
+@pytest.mark.slow
 def test_length_groups_give_the_same_loss_curve(world, phase1_dir, copy_run):
     """Sorting a batch by caption length into micro-batches only removes padding: same losses, same weights."""
     runs = []

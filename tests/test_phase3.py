@@ -5,6 +5,7 @@ import os
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import assert_ok, load, run_script, tensors
@@ -38,7 +39,7 @@ def test_mix_ratio_is_respected():
     # two streams that cannot be confused: real tokens are all 5, synthetic all 9
     real = np.full(10_000, 5, dtype=np.uint16)
     synth = np.full(10_000, 9, dtype=np.uint16)
-    run = SimpleNamespace(rank=0, world_size=1, device="cpu")
+    run = SimpleNamespace(rank=0, world_size=1, device="cpu", device_type="cpu")
     gen = torch.Generator().manual_seed(0)
     for frac in (0.0, 0.25, 0.5, 0.8, 1.0):
         n_syn_rows = 0
@@ -51,6 +52,7 @@ def test_mix_ratio_is_respected():
         assert abs(n_syn_rows / (20 * 16) - frac) < 0.05
 
 
+@pytest.mark.slow
 def test_phase3_end_to_end_vision_frozen_and_control(world, pipeline, copy_run):
     d = copy_run(pipeline)
     r = run_script("phase3_synth.py", "--world_dir", world, "--out_dir", "out", *TINY_P3, cwd=d)

@@ -36,6 +36,7 @@ def world(tmp_path_factory):
 
 # ---- prompt format and loss mask
 
+@pytest.mark.slow
 def test_prompt_format_is_stable(world):
     sp = world["sp"]
     ids = vqa_prompt(sp, "is there a red circle ?")
@@ -47,6 +48,7 @@ def test_prompt_format_is_stable(world):
     assert decode(sp, ids + ans) == "question : is there a red circle ? answer : yes"
 
 
+@pytest.mark.slow
 def test_batch_targets_only_on_answer_tokens(world):
     sp = world["sp"]
     images = np.arange(3 * 32 * 32 * 3, dtype=np.int64).reshape(3, 32, 32, 3).astype(np.uint8)
@@ -73,6 +75,7 @@ def test_batch_targets_only_on_answer_tokens(world):
         assert int((y[r] >= 0).sum()) == len(answer)
 
 
+@pytest.mark.slow
 def test_pack_cuts_answers_and_skips_too_long(world, capsys):
     sp = world["sp"]
     rows = [{"image": 0, "question": "what color is the circle ?", "answer": "red " * 20, "answers": ["red"],
@@ -153,6 +156,7 @@ def test_image_id_of():
     assert V.image_id_of("cat.jpg") is None
 
 
+@pytest.mark.slow
 def test_vqav2_loader(tmp_path, world, capsys):
     qp, ap, folder, src, ids = _fixture(tmp_path, world["dir"])
     cache = str(tmp_path / "cache")
@@ -186,6 +190,7 @@ def test_vqav2_loader(tmp_path, world, capsys):
     assert len(images3) == 1 and [r["question"] for r in rows3] == ["where is it ?"]
 
 
+@pytest.mark.slow
 def test_vqav2_val_and_test_are_different_images(tmp_path, world):
     """best.pt is picked on val: the reported test questions must come from other held-out images."""
     qp, ap, folder, _, _ = _fixture(tmp_path, world["dir"])
@@ -197,6 +202,7 @@ def test_vqav2_val_and_test_are_different_images(tmp_path, world):
     assert not (imgs["train"] & imgs["val"]) and not (imgs["train"] & imgs["test"]) and not (imgs["val"] & imgs["test"])
 
 
+@pytest.mark.slow
 def test_vqav2_pattern_and_bad_files(tmp_path, world):
     qp, ap, folder, _, _ = _fixture(tmp_path, world["dir"])
     images, rows = V.load_vqav2(qp, ap, folder, 16, str(tmp_path / "c"), pattern="COCO_train2014_{image_id:012d}.jpg")
@@ -211,6 +217,7 @@ def test_vqav2_pattern_and_bad_files(tmp_path, world):
 
 # ---- ranking on a constructed case
 
+@pytest.mark.slow
 def test_training_then_ranking_picks_the_right_answer(world):
     """Red images -> 'red', blue images -> 'blue': a tiny VLM trained with the phase 4 batches must then rank
     (and greedily generate) the right colour for new images of each kind."""
@@ -257,6 +264,7 @@ def _phase2_checkpoint(world, out_dir):
                     os.path.join(out_dir, "phase2", "best.pt"))
 
 
+@pytest.mark.slow
 def test_script_end_to_end_and_resume(world, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(W, "ensure_built", lambda d: d)  # the tiny world is not the default build
     out = str(tmp_path / "out")
@@ -298,6 +306,7 @@ def test_script_end_to_end_and_resume(world, tmp_path, monkeypatch, capsys):
     assert torch.load(os.path.join(out, "phase4", "last.pt"), weights_only=True)["step"] == 5
 
 
+@pytest.mark.slow
 def test_script_on_vqav2_fixture(world, tmp_path, capsys):
     qp, ap, folder, _, _ = _fixture(tmp_path, world["dir"])
     out = str(tmp_path / "out")

@@ -37,6 +37,7 @@ def assert_all_finite(path):
 # --------------------------------------------------------------------------------------------------------------------
 # Missing, wrong-phase, damaged and mismatched checkpoints
 
+@pytest.mark.slow
 def test_missing_previous_checkpoint_names_the_command_to_run(tmp_path, world, phase1_dir, copy_run):
     empty = str(tmp_path / "empty")
     os.makedirs(empty)
@@ -57,6 +58,7 @@ def test_missing_previous_checkpoint_names_the_command_to_run(tmp_path, world, p
     assert not os.path.exists(out_of(empty, "phase2", "best.pt"))
 
 
+@pytest.mark.slow
 def test_wrong_phase_or_damaged_checkpoint(world, pipeline, copy_run):
     a = copy_run(pipeline)  # "phase2/best.pt" is really a phase 1 checkpoint
     shutil.copy(out_of(a, "phase1", "best.pt"), out_of(a, "phase2", "best.pt"))
@@ -81,6 +83,7 @@ def test_wrong_phase_or_damaged_checkpoint(world, pipeline, copy_run):
         assert hashes(out_of(d)) == before[d]
 
 
+@pytest.mark.slow
 def test_vocab_mismatch_between_checkpoint_and_tokenizer(world, phase1_dir, copy_run):
     from data.text import read_lines
     from tokenizer import train_tokenizer
@@ -97,6 +100,7 @@ def test_vocab_mismatch_between_checkpoint_and_tokenizer(world, phase1_dir, copy
     assert hashes(out_of(d)) == before
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_device_cuda_without_cuda(tmp_path, world):
     r = run_script("phase1_text.py", "--world_dir", world, "--out_dir", str(tmp_path / "out"), *TINY_P1,
@@ -129,6 +133,7 @@ def test_device_cuda_picks_an_indexed_device(monkeypatch, asked, expected):
 # --------------------------------------------------------------------------------------------------------------------
 # Data folders and files
 
+@pytest.mark.slow
 def test_empty_or_missing_data_folders(tmp_path, phase1_dir, copy_run):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -212,6 +217,7 @@ def make_coco(root, world, n, bad=()):
     return ann_path
 
 
+@pytest.mark.slow
 def test_coco_folder_with_corrupt_images(tmp_path, world, phase1_dir, copy_run):
     some_bad = str(tmp_path / "coco_some_bad")
     make_coco(some_bad, world, 6, bad={1: "garbage", 4: "truncated"})
@@ -235,6 +241,7 @@ def test_coco_folder_with_corrupt_images(tmp_path, world, phase1_dir, copy_run):
     assert_user_error(bad, "none of the 3 images")
 
 
+@pytest.mark.slow
 def test_malformed_json_and_jsonl_name_the_line(tmp_path, world, pipeline, copy_run):
     coco = str(tmp_path / "coco")
     ann = make_coco(coco, world, 4)
@@ -260,6 +267,7 @@ def test_malformed_json_and_jsonl_name_the_line(tmp_path, world, pipeline, copy_
 # --------------------------------------------------------------------------------------------------------------------
 # Out-of-range configuration
 
+@pytest.mark.slow
 def test_out_of_range_values(tmp_path):
     o = str(tmp_path / "out")
     r = run_many([
@@ -302,6 +310,7 @@ def test_out_of_range_values_in_process():
     phase1_text.parse_args(["--lr", "1e-3", "--d_model", "32", "--n_head", "2"])  # in range: accepted
 
 
+@pytest.mark.slow
 def test_an_out_dir_keeps_its_tokenizer(world, phase1_dir, copy_run):
     """Another corpus or vocabulary in an out_dir that already has a tokenizer is refused before anything is
     trained or written: the checkpoints there were trained with the tokenizer that is there."""
@@ -323,6 +332,7 @@ def test_an_out_dir_keeps_its_tokenizer(world, phase1_dir, copy_run):
     assert hashes(out_of(d)) == before
 
 
+@pytest.mark.slow
 def test_resume_mismatches(world, pipeline, copy_run):
     """Resuming past --max_steps ends at once instead of never; a longer --seq_len than the model has, other
     freeze flags, another batch size or another optimizer than the run had, is one clear line; phase 2 is
@@ -350,6 +360,7 @@ def test_resume_mismatches(world, pipeline, copy_run):
     assert sha(out_of(d, "phase1", "best.pt")) == p1
 
 
+@pytest.mark.slow
 def test_phase3_bad_inputs(tmp_path, world, pipeline, copy_run):
     d = copy_run(pipeline)
     small = str(tmp_path / "small.npy")
@@ -394,6 +405,7 @@ def test_synthetic_rows_without_logprob():
         filter_synthetic(rows, -1.0, dedup=False)
 
 
+@pytest.mark.slow
 def test_coco_annotation_without_caption(tmp_path, world):
     from common import UserError
     from data.images import load_coco
@@ -407,6 +419,7 @@ def test_coco_annotation_without_caption(tmp_path, world):
         load_coco(str(tmp_path / "coco"), 32, str(tmp_path / "cache"))
 
 
+@pytest.mark.slow
 def test_checkpoint_from_another_version_of_the_code(tmp_path, phase1_dir):
     from common import UserError, load_checkpoint
     ck = load(out_of(phase1_dir, "phase1", "best.pt"))
@@ -422,6 +435,7 @@ def test_checkpoint_from_another_version_of_the_code(tmp_path, phase1_dir):
     load_checkpoint(out_of(phase1_dir, "phase1", "best.pt"))  # the real one passes
 
 
+@pytest.mark.slow
 def test_a_checkpoint_uses_its_own_out_dirs_tokenizer(tmp_path, monkeypatch, phase1_dir, copy_run):
     """The stored tokenizer path is relative to where training ran: a moved out dir must not pick up
     whatever out/tokenizer.model the current directory happens to have."""
@@ -442,6 +456,7 @@ def test_a_checkpoint_uses_its_own_out_dirs_tokenizer(tmp_path, monkeypatch, pha
     assert loaded == [os.path.join(moved, "tokenizer.model")]
 
 
+@pytest.mark.slow
 def test_coco_with_both_official_caption_files_and_only_val_images(tmp_path, world):
     from data.images import find_coco_files
     root = str(tmp_path / "coco")
@@ -451,6 +466,7 @@ def test_coco_with_both_official_caption_files_and_only_val_images(tmp_path, wor
     assert find_coco_files(root) == (ann.replace("train2017", "val2017"), os.path.join(root, "val2017"))
 
 
+@pytest.mark.slow
 def test_coco_images_added_after_a_run_are_read_next_time(tmp_path, world):
     from data.images import load_coco
     from PIL import Image
@@ -467,6 +483,7 @@ def test_coco_images_added_after_a_run_are_read_next_time(tmp_path, world):
     assert load_coco(root, 32, cache)[0].shape == images.shape  # and now it is cached
 
 
+@pytest.mark.slow
 def test_eval_skips_world_vision_benchmarks_for_another_image_size(world):
     """A VLM trained on COCO at 64px cannot be shown the world's 32px images: those benchmarks are n/a."""
     from types import SimpleNamespace
@@ -486,6 +503,7 @@ def test_eval_skips_world_vision_benchmarks_for_another_image_size(world):
 # --------------------------------------------------------------------------------------------------------------------
 # Non-finite loss
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(world, phase1_dir, copy_run):
     d1, d2 = copy_run(phase1_dir), copy_run(phase1_dir)
     p1_before = hashes(out_of(d2, "phase1"))
@@ -575,6 +593,7 @@ def check_interrupt_and_resume(script, phase, args, cwd, reference_dir, at_step,
     assert_same_checkpoint(out_of(cwd, phase, "best.pt"), out_of(reference_dir, phase, "best.pt"), keys=("model",))
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_phase1_matches_uninterrupted_run(tmp_path, world, phase1_dir):
     d = str(tmp_path / "run")
     os.makedirs(d)
@@ -582,12 +601,14 @@ def test_sigterm_then_resume_phase1_matches_uninterrupted_run(tmp_path, world, p
                                d, reference_dir=phase1_dir, at_step=15, total=P1_STEPS)
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_phase2_matches_uninterrupted_run(world, phase1_dir, pipeline, copy_run):
     d = copy_run(phase1_dir)
     check_interrupt_and_resume("phase2_caption.py", "phase2", ["--world_dir", world, "--out_dir", "out", *TINY_P2],
                                d, reference_dir=pipeline, at_step=5, total=P2_STEPS)
 
 
+@pytest.mark.slow
 def test_sigterm_then_resume_phase3_matches_uninterrupted_run(world, pipeline, copy_run):
     """Phase 3's resume also reads back its synthetic corpus instead of captioning again."""
     args = ["--world_dir", world, "--out_dir", "out", *TINY_P3, "--max_steps", "12", "--log_interval", "1",
@@ -600,6 +621,7 @@ def test_sigterm_then_resume_phase3_matches_uninterrupted_run(world, pipeline, c
         assert a.read() == b.read()
 
 
+@pytest.mark.slow
 def test_same_seed_same_result_phase1(tmp_path, world, phase1_dir):
     d = str(tmp_path / "again")
     os.makedirs(d)
@@ -633,6 +655,7 @@ def test_a_changed_corpus_is_refused(tmp_path):
     assert hashes(out) == before
 
 
+@pytest.mark.slow
 def test_later_phases_find_phase1_text_in_a_moved_out_dir(tmp_path, monkeypatch, phase1_dir):
     """Phases 2-4 replay phase 1's text from the --out_dir they are given, not from the (relative, maybe
     renamed) out_dir phase 1 ran with: nothing is re-tokenized or written anywhere else."""

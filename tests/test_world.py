@@ -431,6 +431,7 @@ def test_winoground_items(w):
 
 
 # --- API -------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_rejects_bad_values(capsys):
     for argv in (["--scale", "0"], ["--scale=-1"], ["--size", "8"]):
         with pytest.raises(SystemExit) as e:
@@ -455,6 +456,7 @@ def test_sample_scene_and_describe_are_pure():
     assert W.render(a, 48).shape == (48, 48, 3)
 
 
+@pytest.mark.slow
 def test_python_m_data_world_builds_the_same_world(worlds, tmp_path):
     """The command line runs world.py as __main__, which then imports data.talk (which imports data.world):
     that path must work and write exactly what build() writes."""
@@ -487,6 +489,7 @@ def test_moved_names_are_still_importable_from_world():
         W.no_such_name
 
 
+@pytest.mark.slow
 def test_judge_imports_nothing_from_the_generator():
     """The judge's independence is checked, not just asserted: its file imports only the standard library, and
     importing it loads no other module of data/."""
