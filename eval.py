@@ -463,7 +463,7 @@ def minimal_pair_baselines(args, ckpts, data, log=print):
                  "metrics": {k: 0.5 if k in keys else None for k, _ in COLUMNS}})
     for r in rows:
         r["metrics"]["language_avg"] = mean_of([r["metrics"][k] for k in LANG_KEYS])
-    log(f"n-gram baselines (trained on {len(lines):,} lines, {rows[0]['words']:,} words of {source}): " + "; ".join(
+    log(f"n-gram baselines (trained on {len(lines):,} lines, {rows[0]['words'] - len(lines):,} words of {source}): " + "; ".join(
         f"{r['name']} " + ", ".join(f"{k} {r['metrics'][k]:.3f}" for k in keys) for r in rows[:3]))
     return rows
 

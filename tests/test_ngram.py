@@ -74,3 +74,31 @@ def test_eval_prints_baselines_beside_the_model(tmp_path, capsys):
     saved = json.loads((out / "eval.json").read_text())
     assert [b["name"] for b in saved["baselines"]] == ["unigram", "bigram", "trigram", "chance"]
     assert saved["baselines"][0]["metrics"]["blimp"] == 0.25
+
+
+def test_eval_world_minimal_pairs_get_baselines_from_the_worlds_text(tmp_path, capsys):
+    """A phase 1 on the built-in world (data.json source "world:DIR"): the baselines read DIR/text_train.txt and
+    score the world's minimal pairs, seen and held-out, in the main table and per paradigm."""
+    from data.world import build
+    world = str(tmp_path / "world")
+    build(world, seed=0, scale=0.005, size=16, progress=False)
+    out = tmp_path / "out"
+    (out / "phase1").mkdir(parents=True)
+    (out / "data.json").write_text(json.dumps({"source": "world:" + world}))
+    with open(os.path.join(world, "text_train.txt")) as f:
+        sp = tk.train_tokenizer([l.strip() for l in f][:500], str(out / "tokenizer.model"), vocab_size=300)
+    torch.manual_seed(0)
+    model = Decoder(DecoderConfig(vocab_size=sp.get_piece_size(), n_layer=1, n_head=2, d_model=16, max_seq_len=128))
+    save_checkpoint(make_checkpoint(model, "phase1", str(out / "tokenizer.model"), 0, 1.0, 1.0, ev.parse_args([])),
+                    str(out / "phase1" / "best.pt"))
+    ev.main(["--out_dir", str(out), "--world_dir", world, "--per_paradigm", "--device", "cpu", "--quiet",
+             "--n_text", "20"])
+    printed = capsys.readouterr().out
+    saved = json.loads((out / "eval.json").read_text())
+    tri = next(b for b in saved["baselines"] if b["name"] == "trigram")
+    assert tri["source"] == "world:" + world
+    assert tri["metrics"]["world_mp"] > 0.5 and tri["metrics"]["world_mp_heldout"] is not None
+    assert tri["metrics"]["blimp"] is None and tri["metrics"]["bpb"] is None
+    assert "| trigram |" in printed.split("Results")[1] and "| chance | 0.500 | 0.500 | n/a |" in printed
+    assert "World minimal pairs per paradigm" in printed
+    assert "| paradigm | phase1 | unigram | bigram | trigram | chance |" in printed.split("World minimal pairs per paradigm")[1]
