@@ -25,11 +25,12 @@ def run_args(tmp_path, **kw):
 
 
 def train_run(tmp_path, val_losses, **kw):
-    """A Run driven as a phase drives it, with these val losses at steps 0, 2, 4 and a model that never learns."""
+    """A Run driven as a phase drives it, with these val losses at steps 0, 2, 4 (every eval_interval) and a
+    model that never learns."""
     run = Run(run_args(tmp_path, **kw), "phase1")
     model = Decoder(DecoderConfig(vocab_size=16, n_layer=1, n_head=2, d_model=8, max_seq_len=8))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    run.start(model, opt, "tokenizer.model")
+    run.start(model, opt, "tokenizer.model", run.last_checkpoint())
     losses = iter(val_losses)
     while True:
         if run.eval_due(run.args.eval_interval, run.args.max_steps):
@@ -49,6 +50,14 @@ def test_warns_when_validation_never_improved(tmp_path, capsys):
     for what in (best, "more data", "fewer steps", "lower learning rate (--lr)"):
         assert what in lines[0]
     assert torch.load(best, weights_only=True)["step"] == 0
+
+
+def test_warns_after_a_resume_when_best_pt_is_still_step_0(tmp_path, capsys):
+    train_run(tmp_path, [2.0, 2.5, 2.2])
+    capsys.readouterr()
+    train_run(tmp_path, [2.3, 2.1], resume=True, max_steps=8, eval_interval=4)  # evaluates at steps 4 and 8
+    err = capsys.readouterr().err
+    assert "warning: phase1's validation never improved on its starting point (step 0: 2.0000, step 8: 2.1000)" in err
 
 
 def test_no_warning_when_validation_improved(tmp_path, capsys):
