@@ -337,7 +337,7 @@ def vqa_report(model, sp, test, ranked, n, vqav2, max_answer_tokens, device):
 
 # ---- Word n-gram baselines for minimal pairs: what counting words in the same text already gets
 #
-# BLiMP-style accuracy means little alone: 55% is chance (50%) plus what a word counter gets for free. So
+# A BLiMP-style accuracy means little alone: chance is 50%, and counting words already gets more. So
 # minimal pairs are also scored by word unigram, bigram and trigram models trained on the text the
 # checkpoint's phase 1 read, with the same rule as the model: log p(good sentence) > log p(bad sentence),
 # each sentence scored whole, with its start and end (a tie, e.g. a unigram model on two orderings of
