@@ -512,6 +512,7 @@ class Run(SimpleNamespace):
         self.command = command or f"python {phase}.py"
         self.gen = torch.Generator().manual_seed(args.seed)  # the training data order, saved with last.pt
         self.step, self.best_val, self.val_loss, self.loss = 0, float("inf"), float("nan"), None
+        self.best_step = None  # the step best.pt holds (None: saved before a --resume, see finish)
 
     def last_checkpoint(self):
         """With --resume: last.pt, checked against this run's flags; without: None."""
@@ -549,7 +550,7 @@ class Run(SimpleNamespace):
         self.log(f"step {self.step} | {what} {val_loss:.4f}{note}")
         if self.master:
             if val_loss < self.best_val:
-                self.best_val = val_loss
+                self.best_val, self.best_step = val_loss, self.step
                 save_checkpoint(self.checkpoint(False), self.best_path)
             save_checkpoint(self.checkpoint(True), self.last_path)
         self.meter.reset()  # evaluation time is not training time
@@ -585,7 +586,23 @@ class Run(SimpleNamespace):
         """Training is over: Ctrl-C stops at once again; returns the best checkpoint's path."""
         self.pbar.close()
         self.stop.release()
+        self.warn_if_never_improved()
         return self.best_path
+
+    def warn_if_never_improved(self):
+        """One line when best.pt is the starting point: validation was lowest before any training step, so
+        the next phase would get an untrained (phase 1: random) model."""
+        if not self.master or self.step == 0 or not os.path.exists(self.best_path):
+            return
+        best_step = self.best_step
+        if best_step is None:  # resumed, and never improved since: best.pt says where it came from
+            best_step = torch.load(self.best_path, map_location="cpu", weights_only=True, mmap=True).get("step")
+        if best_step == 0:
+            lr = "/".join(f"--{k}" for k in vars(self.args) if k == "lr" or k.startswith("lr_")) or "--lr"
+            print(f"warning: {self.phase}'s validation never improved on its starting point (step 0: "
+                  f"{self.best_val:.4f}, step {self.step}: {self.val_loss:.4f}), so {self.best_path} is the model as it "
+                  f"was before training; give it more data, fewer steps (--max_steps) or a lower learning rate ({lr})",
+                  file=sys.stderr)
 
 
 # -----------------------------------------------------------------------------

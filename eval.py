@@ -335,6 +335,139 @@ def vqa_report(model, sp, test, ranked, n, vqav2, max_answer_tokens, device):
     return per, n
 
 
+# ---- Word n-gram baselines for minimal pairs: what counting words in the same text already gets
+#
+# A BLiMP-style accuracy means little alone: chance is 50%, and counting words already gets more. So
+# minimal pairs are also scored by word unigram, bigram and trigram models trained on the text the
+# checkpoint's phase 1 read, with the same rule as the model: log p(good sentence) > log p(bad sentence),
+# each sentence scored whole, with its start and end (a tie, e.g. a unigram model on two orderings of
+# the same words, counts half).
+
+WORD = re.compile(r"[\w']+|[^\w\s]")  # words, with apostrophes ("don't"), and single punctuation marks
+BOS_W, EOS_W = "<s>", "</s>"
+
+
+def ngram_words(sentence):
+    return WORD.findall(sentence.lower())
+
+
+class NGram:
+    """A word n-gram model. n = 1: word frequencies, add-k smoothed. n >= 2: interpolated modified
+    Kneser-Ney (Chen & Goodman 1999): discounts D1, D2, D3+ per order from its count-of-counts, lower
+    orders on continuation counts (in how many contexts a word follows), down to a uniform distribution
+    over the vocabulary plus one unknown word."""
+
+    def __init__(self, lines, n, k=0.1):
+        self.n, self.k = n, k
+        raw = [Counter() for _ in range(n + 1)]  # raw[m][m-word tuple]: counts at every target position
+        for line in lines:
+            w = [BOS_W] * (n - 1) + ngram_words(line) + [EOS_W]
+            for i in range(n - 1, len(w)):
+                for m in range(1, n + 1):
+                    raw[m][tuple(w[i - m + 1:i + 1])] += 1
+        self.V = len(raw[1]) + 1  # every word seen, and one for all unseen words
+        self.total_words = sum(raw[1].values())
+        self.counts = [None] * (n + 1)
+        self.counts[n] = raw[n]
+        for m in range(n - 1, 0, -1):  # continuation counts; a gram starting at <s> keeps its raw count
+            c = Counter({g: v for g, v in raw[m].items() if g[0] == BOS_W})
+            for g in raw[m + 1]:
+                if g[1] != BOS_W:
+                    c[g[1:]] += 1
+            self.counts[m] = c
+        self.discounts, self.ctx = [None], [None]
+        for m in range(1, n + 1):
+            cc = Counter(min(v, 5) for v in self.counts[m].values())  # n1..n4: grams seen once .. 4 times
+            y = cc[1] / max(cc[1] + 2 * cc[2], 1)
+            # (at least 0.1: every context leaves some mass for words it was never followed by)
+            D = [0.0] + [max(0.1, min(float(j), j - (j + 1) * y * cc[j + 1] / max(cc[j], 1))) for j in (1, 2, 3)]
+            ctx = {}  # context -> [total count, total discount (the mass left for the lower order)]
+            for g, v in self.counts[m].items():
+                t = ctx.setdefault(g[:-1], [0, 0.0])
+                t[0] += v
+                t[1] += D[min(v, 3)]
+            self.discounts.append(D)
+            self.ctx.append(ctx)
+
+    def prob(self, word, history):
+        """p(word | the last n-1 words of history)."""
+        if self.n == 1:
+            return (self.counts[1].get((word,), 0) + self.k) / (self.total_words + self.k * self.V)
+        p = 1.0 / self.V
+        for m in range(1, self.n + 1):
+            h = tuple(history[len(history) - m + 1:]) if m > 1 else ()
+            t = self.ctx[m].get(h)
+            if t is None:  # an unseen context: the lower order's estimate stands
+                continue
+            c = self.counts[m].get(h + (word,), 0)
+            p = (max(c - self.discounts[m][min(c, 3)], 0.0) + t[1] * p) / t[0]
+        return p
+
+    def logprob(self, sentence):
+        """log p of a whole sentence: every word and the end, each given the words before it."""
+        w = [BOS_W] * max(self.n - 1, 0) + ngram_words(sentence) + [EOS_W]
+        return math.fsum(math.log(self.prob(w[i], w[i - self.n + 1:i])) for i in range(self.n - 1, len(w)))
+
+
+def ngram_minimal_pairs(lm, pairs):
+    """minimal_pairs' rule and result for an n-gram model (a tie counts half)."""
+    right = defaultdict(list)
+    for p in pairs:
+        good, bad = lm.logprob(p["sentence_good"]), lm.logprob(p["sentence_bad"])
+        uid = p.get("UID") or p.get("paradigm") or p.get("linguistics_term") or "all"
+        right[uid].append(1.0 if good > bad else 0.5 if good == bad else 0.0)
+    per = {k: float(np.mean(v)) for k, v in sorted(right.items())}
+    return {"per_paradigm": per, "macro": float(np.mean(list(per.values()))) if per else float("nan"), "n": len(pairs)}
+
+
+def phase1_text_source(out_dir):
+    """The text phase 1 read in out_dir (its data.json `source`) -> (label, training lines), or None."""
+    import json
+    info = os.path.join(out_dir, "data.json")
+    if not os.path.exists(info):
+        return None
+    with open(info) as f:
+        source = json.load(f).get("source", "")
+    if source.startswith("world:"):
+        from data.text import read_lines
+        return source, read_lines(os.path.join(source.removeprefix("world:"), "text_train.txt"))
+    if source:
+        from data.text import read_babylm_folder
+        return source, read_babylm_folder(source)[0]
+    return None
+
+
+def minimal_pair_baselines(args, ckpts, data, log=print):
+    """Rows shaped like evaluate_checkpoint's results, for the tables: word unigram, bigram and trigram models
+    trained on the text phase 1 read (the first checkpoint's out dir's data.json), scored on every
+    minimal-pair benchmark in data, and chance. [] when there are no minimal pairs or no known text."""
+    keys = [k for k in ("blimp", "world_mp", "world_mp_heldout") if data.get(k)]
+    if not keys:
+        return []
+    found = None
+    for _, path in ckpts:  # out/phase1/best.pt -> out/
+        found = found or phase1_text_source(os.path.dirname(os.path.dirname(os.path.abspath(path))))
+    found = found or phase1_text_source(args.out_dir)
+    if found is None:
+        log("  no n-gram baselines: no data.json (phase 1's text) next to the checkpoints or in --out_dir")
+        return []
+    source, lines = found
+    rows = []
+    for n, name in ((1, "unigram"), (2, "bigram"), (3, "trigram")):
+        lm = NGram(lines, n)
+        detail = {k: ngram_minimal_pairs(lm, data[k]) for k in keys}
+        rows.append({"name": name, "source": source, "words": lm.total_words, "detail": detail,
+                     "metrics": {k: detail[k]["macro"] if k in detail else None for k, _ in COLUMNS}})
+    per = lambda k: {uid: 0.5 for uid in rows[0]["detail"][k]["per_paradigm"]}  # noqa: E731
+    rows.append({"name": "chance", "source": source, "detail": {k: {"per_paradigm": per(k), "macro": 0.5} for k in keys},
+                 "metrics": {k: 0.5 if k in keys else None for k, _ in COLUMNS}})
+    for r in rows:
+        r["metrics"]["language_avg"] = mean_of([r["metrics"][k] for k in LANG_KEYS])
+    log(f"n-gram baselines (trained on {len(lines):,} lines, {rows[0]['words'] - len(lines):,} words of {source}): " + "; ".join(
+        f"{r['name']} " + ", ".join(f"{k} {r['metrics'][k]:.3f}" for k in keys) for r in rows[:3]))
+    return rows
+
+
 # =============================================================================
 # Command line: every phase's checkpoint on every benchmark, side by side
 #
@@ -717,6 +850,7 @@ def main(argv=None):
         results.append({"name": name, "ckpt": path, "phase": ckpt.get("phase"), "step": ckpt.get("step"),
                         "vision": isinstance(model, VLM), "metrics": metrics, "detail": detail, "seconds": round(dt, 2)})
         del model
+    baselines = minimal_pair_baselines(args, ckpts, data, log)
     # columns: a benchmark that was not run for any checkpoint is left out; a text-only row says n/a
     ran = {"blimp": "blimp" in data, "coco_bleu4": bool(args.coco_dir)}
     world = not args.no_world
@@ -724,11 +858,11 @@ def main(argv=None):
     if args.per_paradigm or args.blimp:
         if "blimp" in data:
             print(f"\nBLiMP accuracy per paradigm ({args.blimp}, {len(data['blimp'])} pairs; log p summed over tokens)\n")
-            print(per_key_table(results, lambda r: r["detail"].get("blimp", {}).get("per_paradigm"),
+            print(per_key_table(results + baselines, lambda r: r["detail"].get("blimp", {}).get("per_paradigm"),
                                 total=("macro", lambda r: r["metrics"]["blimp"])))
         if args.per_paradigm and world:
             print("\nWorld minimal pairs per paradigm\n")
-            print(per_key_table(results, lambda r: {**r["detail"].get("world_mp", {}).get("per_paradigm", {}),
+            print(per_key_table(results + baselines, lambda r: {**r["detail"].get("world_mp", {}).get("per_paradigm", {}),
                                                     **r["detail"].get("world_mp_heldout", {}).get("per_paradigm", {})}))
     if any(r["metrics"]["vqa"] is not None for r in results):
         print(f"\nVQA accuracy by question type ({len(data['vqa'])} test questions, greedy answers)\n")
@@ -736,11 +870,14 @@ def main(argv=None):
                             total=("overall", lambda r: r["metrics"]["vqa"])))
     note = "; bpb = bits per byte on held-out descriptions, lower is better" if world else ""
     print(f"\nResults (accuracies in 0..1{note})\n")
-    print(results_table(results, columns))
+    print(results_table(results + baselines, columns))
+    if baselines:
+        print(f"\n(baselines: word n-gram models trained on the text phase 1 read, {baselines[0]['source']}; "
+              "chance is 0.5 on every minimal-pair benchmark)")
     total = time.perf_counter() - t_all
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"results": results, "columns": [k for k, _ in columns], "settings": vars(args),
+        json.dump({"results": results, "baselines": baselines, "columns": [k for k, _ in columns], "settings": vars(args),
                    "device": run.device, "seconds": round(total, 2)}, f, indent=1)
     draw_chart(results, args.chart)
     print(f"\nwrote {args.json} and {args.chart} ({total:.0f} s)")

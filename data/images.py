@@ -90,19 +90,24 @@ def load_coco(coco_dir, size, cache_dir):
     images, rows, bad, missing = [], [], [], []
     for im in entries:
         path = os.path.join(img_dir, im["file_name"])
-        if not os.path.exists(path):
+        if not os.path.exists(path):  # listed but not in the folder (e.g. a subset of the photos)
             missing.append(im["file_name"])
+            continue
         try:
             with Image.open(path) as img:
                 images.append(center_square(img, size))
-        except Exception:  # missing, truncated or not an image at all
+        except Exception:  # there, but truncated or not an image at all
             bad.append(im["file_name"])
             continue
         rows.append({"id": im["id"], "file_name": im["file_name"], "captions": caps[im["id"]]})
+    if missing:
+        print(f"warning: {len(missing)} of the {len(entries)} images listed in {ann_path} are missing from {img_dir} "
+              f"(e.g. {missing[0]}); using the {len(images)} there", file=sys.stderr)
     if bad:
         print(f"warning: skipped {len(bad)} unreadable image(s) in {img_dir} (e.g. {bad[0]})", file=sys.stderr)
     if not images:
-        raise UserError(f"none of the {len(entries)} images listed in {ann_path} could be read from {img_dir}")
+        raise UserError(f"none of the {len(entries)} images listed in {ann_path} could be read from {img_dir} "
+                        f"({len(missing)} missing, {len(bad)} unreadable)")
     os.makedirs(cache_dir, exist_ok=True)
     arr = np.stack(images)
     np.save(cache[:-4] + ".tmp.npy", arr)
