@@ -77,9 +77,6 @@ def main(argv=None):
     if ckpt:
         check_vocab(ckpt, sp, run.last_path)
         cfg = DecoderConfig(**ckpt["decoder_config"])
-        if args.seq_len > cfg.max_seq_len:
-            raise UserError(f"--seq_len={args.seq_len} exceeds the resumed model's max_seq_len={cfg.max_seq_len}; "
-                            f"resume with --seq_len {cfg.max_seq_len} or less")
     else:
         cfg = DecoderConfig(vocab_size=vocab, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
                             max_seq_len=args.seq_len, tie_embeddings=not args.untied)

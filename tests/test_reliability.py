@@ -334,7 +334,7 @@ def test_an_out_dir_keeps_its_tokenizer(world, phase1_dir, copy_run):
 
 @pytest.mark.slow
 def test_resume_mismatches(world, pipeline, copy_run):
-    """Resuming past --max_steps ends at once instead of never; a longer --seq_len than the model has, other
+    """Resuming past --max_steps ends at once instead of never; another --seq_len than the run had, other
     freeze flags, another batch size or another optimizer than the run had, is one clear line; phase 2 is
     never written."""
     d = copy_run(pipeline)
@@ -352,7 +352,7 @@ def test_resume_mismatches(world, pipeline, copy_run):
     ])
     assert_ok(past)
     assert "resumed from" in past.stdout and f"step {P1_STEPS}" in past.stdout
-    assert_user_error(seq, "--seq_len=256", "max_seq_len=64", "--seq_len 64")
+    assert_user_error(seq, "phase1/last.pt", "with --seq_len 64", "resume the same way")
     assert_user_error(frozen, "phase2/last.pt", "without --freeze_decoder", "resume the same way")
     assert_user_error(batch, "phase2/last.pt", "with --batch_size 8", "resume the same way")
     assert_user_error(adamw, "phase2/last.pt", "with --muon_scale 4.0", "resume with Muon on")
