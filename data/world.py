@@ -376,7 +376,15 @@ def _build_into(out_dir, seed, scale, size, progress):
     pool = None
     if workers > 1 and sum(counts.values()) > 20000:
         import multiprocessing
-        pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init)
+        main = sys.modules["__main__"]
+        # the workers need only this module: without __file__ they do not re-run the caller's script (a phase
+        # script imports torch, seconds per worker, during which Ctrl-C would kill them with a traceback)
+        script = main.__dict__.pop("__file__", None) if getattr(main, "__spec__", None) is None else None
+        try:
+            pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init)
+        finally:
+            if script is not None:
+                main.__file__ = script
     ok = False
     try:
         for split in TEXT_COUNTS:
