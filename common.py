@@ -157,6 +157,9 @@ def ensure_world(world_dir, run):
 
 
 def cleanup(run):
+    """The run is over: the out dir is free for the next one (also in-process, e.g. under pytest)."""
+    if getattr(run, "lock", None) is not None:
+        run.lock.release()
     if run.ddp:
         import torch.distributed as dist
         dist.destroy_process_group()
@@ -332,7 +335,7 @@ def write_failed(path, e):
                      "Free space or fix the folder's permissions, then run again (with --resume to continue)")
 
 
-def _write_atomic(path, write, binary=True):
+def write_atomic(path, write, binary=True):
     """write(f) into a temp file in the same folder, fsync, then rename: a crash or a full disk mid-write never
     leaves a half-written file where a good one was, and no temp file is left behind."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -354,12 +357,12 @@ def _write_atomic(path, write, binary=True):
 def save_checkpoint(obj, path):
     """Write to a temp file in the same folder, fsync, then rename: a crash mid-write never leaves a
     half-written checkpoint where a good one was."""
-    _write_atomic(path, lambda f: torch.save(obj, f))
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def write_json_atomic(obj, path, indent=1):
     """data.json, results.json, eval.json and cache metadata, written like the checkpoints (never half a file)."""
-    _write_atomic(path, lambda f: json.dump(obj, f, indent=indent), binary=False)
+    write_atomic(path, lambda f: json.dump(obj, f, indent=indent), binary=False)
 
 
 def pid_alive(pid):
@@ -588,7 +591,8 @@ class Run(SimpleNamespace):
         self.out = os.path.join(args.out_dir, out_name or phase)
         self.best_path, self.last_path = os.path.join(self.out, "best.pt"), os.path.join(self.out, "last.pt")
         self.same_on_resume = same_on_resume  # flags a resume must keep (e.g. those that define the val loss)
-        self.command = command or f"python {phase}.py"
+        script = {"phase1": "phase1_text", "phase2": "phase2_caption", "phase4": "phase4_vqa"}.get(phase, phase)
+        self.command = command or f"python {script}.py"
         self.gen = torch.Generator().manual_seed(args.seed)  # the training data order, saved with last.pt
         self.step, self.best_val, self.val_loss, self.loss = 0, float("inf"), float("nan"), None
         self.parent = None
@@ -607,6 +611,8 @@ class Run(SimpleNamespace):
         first evaluation, and later phases built on it orphaned): --resume continues it, --restart moves it aside."""
         a = self.args
         there = [f for f in (self.best_path, self.last_path) if os.path.exists(f)]
+        if a.resume and getattr(a, "restart", False):
+            raise UserError("--resume continues the run there and --restart starts over: pass one of them")
         if a.resume or not there:
             return
         if not getattr(a, "restart", False):
@@ -719,18 +725,19 @@ def check_writable(out_dir):
 
 class OutDirLock:
     """One run per out dir: a second run would train with the first one's half-written tokenizer, and the last
-    to finish would silently win. The lock file holds the owner's pid; a lock whose process is gone is stale
-    (a kill -9) and taken over."""
+    to finish would silently win. The lock file holds the owner's pid and the out dir's absolute path; a lock
+    whose process is gone (a kill -9), or that was copied along with the folder, is stale and taken over."""
 
     def __init__(self, out_dir):
         import atexit
         self.path = os.path.join(out_dir, ".lock")
+        self.here, self.where = os.path.abspath(out_dir), None
         for _ in range(3):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             except FileExistsError:
                 owner = self.owner()
-                if owner is not None and pid_alive(owner) and owner != os.getpid():
+                if owner is not None and pid_alive(owner) and owner != os.getpid() and self.where == self.here:
                     raise UserError(f"{out_dir} is in use by another run (process {owner}, see {self.path}); wait "
                                     "for it to finish, stop it, or use another --out_dir")
                 try:  # stale: its process is gone
@@ -741,7 +748,7 @@ class OutDirLock:
             except OSError as e:
                 raise write_failed(self.path, e) from None
             with os.fdopen(fd, "w") as f:
-                f.write(f"{os.getpid()} {' '.join(sys.argv)}\n")
+                f.write(f"{os.getpid()}\n{self.here}\n{' '.join(sys.argv)}\n")
             atexit.register(self.release)
             return
         raise UserError(f"could not take the lock {self.path}; delete it if no run is using {out_dir}")
@@ -749,7 +756,9 @@ class OutDirLock:
     def owner(self):
         try:
             with open(self.path) as f:
-                return int(f.read().split()[0])
+                lines = f.read().splitlines()
+            self.where = lines[1] if len(lines) > 1 else None
+            return int(lines[0])
         except (OSError, ValueError, IndexError):
             return None  # empty or unreadable (a kill between create and write): stale
 

@@ -713,6 +713,8 @@ def main(argv=None):
     args = parse_args(argv)
     log = (lambda *a: None) if args.quiet else print
     ckpts = find_checkpoints(args)
+    from common import check_writable
+    check_writable(os.path.dirname(os.path.abspath(args.json)))  # before minutes of evaluation, not after
     run = setup(SimpleNamespace(device=args.device, seed=args.seed, no_fast_cpu=args.no_fast_cpu))
     if args.threads:
         torch.set_num_threads(args.threads)

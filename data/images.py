@@ -16,7 +16,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from common import UserError, read_json, read_jsonl, write_json_atomic
+from common import UserError, read_json, read_jsonl, write_atomic, write_json_atomic
 
 
 def load_world_split(world_dir, split):
@@ -107,8 +107,7 @@ def load_coco(coco_dir, size, cache_dir):
         raise UserError(f"none of the {len(entries)} images listed in {ann_path} could be read from {img_dir}")
     os.makedirs(cache_dir, exist_ok=True)
     arr = np.stack(images)
-    np.save(cache[:-4] + ".tmp.npy", arr)
-    os.replace(cache[:-4] + ".tmp.npy", cache)
+    write_atomic(cache, lambda f: np.save(f, arr))
     write_json_atomic({"rows": rows, "missing": missing, "stamps": stamps}, meta, indent=None)
     return np.load(cache, mmap_mode="r"), rows
 

@@ -97,10 +97,8 @@ def tokenize_lines(lines, sp, path, bos, eos):
         for ids in sp.encode(lines[i:i + 10000]):
             chunks.append(np.array([bos] + ids + [eos], dtype=dtype))
     stream = np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp.npy"
-    np.save(tmp, stream)
-    os.replace(tmp, path)
+    from common import write_atomic
+    write_atomic(path, lambda f: np.save(f, stream))  # a full disk is one line, never half a stream
     return stream
 
 

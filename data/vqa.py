@@ -23,7 +23,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from common import UserError, read_json, read_jsonl, write_json_atomic
+from common import UserError, read_json, read_jsonl, write_atomic, write_json_atomic
 from data.images import center_square, file_stamp, read_cache_meta, same_files
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
@@ -183,8 +183,8 @@ def load_vqav2(questions_path, annotations_path, images_dir, size, cache_dir, pa
         if not arrs:
             raise UserError(f"none of the {len(ids)} images that {questions_path} asks about could be read from {images_dir}")
         os.makedirs(cache_dir, exist_ok=True)
-        np.save(cache[:-4] + ".tmp.npy", np.stack(arrs))
-        os.replace(cache[:-4] + ".tmp.npy", cache)
+        arr = np.stack(arrs)
+        write_atomic(cache, lambda f: np.save(f, arr))
         write_json_atomic({"kept": kept, "missing": missing, "stamps": {str(i): st for i, st in stamps.items()}},
                           meta, indent=None)
         images = np.load(cache, mmap_mode="r")

@@ -385,3 +385,26 @@ def test_progress_bars_only_on_a_terminal(monkeypatch):
     assert not common.show_progress(SimpleNamespace(quiet=False))
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     assert common.show_progress(SimpleNamespace(quiet=False)) and not common.show_progress(SimpleNamespace(quiet=True))
+
+
+def test_out_dir_lock_in_process(tmp_path):
+    """A live owner elsewhere blocks; a lock of a dead process, or one copied along with its folder, is stale."""
+    import subprocess as sp
+    from common import OutDirLock, UserError
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = sp.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (out / ".lock").write_text(f"{holder.pid}\n{out}\npython phase1_text.py\n")
+        with pytest.raises(UserError, match=f"in use by another run \\(process {holder.pid}"):
+            OutDirLock(str(out))
+        (out / ".lock").write_text(f"{holder.pid}\n{tmp_path / 'elsewhere'}\npython phase1_text.py\n")  # copied
+        lock = OutDirLock(str(out))
+        assert (out / ".lock").read_text().split()[0] == str(os.getpid())
+        lock.release()
+        assert not (out / ".lock").exists()
+        (out / ".lock").write_text(f"{dead_pid()}\n{out}\n")
+        OutDirLock(str(out)).release()
+    finally:
+        holder.kill()
+        holder.wait()

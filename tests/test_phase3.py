@@ -38,7 +38,7 @@ def test_mix_ratio_is_respected():
     # two streams that cannot be confused: real tokens are all 5, synthetic all 9
     real = np.full(10_000, 5, dtype=np.uint16)
     synth = np.full(10_000, 9, dtype=np.uint16)
-    run = SimpleNamespace(rank=0, world_size=1, device="cpu")
+    run = SimpleNamespace(rank=0, world_size=1, device="cpu", device_type="cpu")
     gen = torch.Generator().manual_seed(0)
     for frac in (0.0, 0.25, 0.5, 0.8, 1.0):
         n_syn_rows = 0

@@ -349,7 +349,7 @@ def test_resume_mismatches(world, pipeline, copy_run):
     ], workers=1)  # one run per out dir
     assert_ok(past)
     assert "resumed from" in past.stdout and f"step {P1_STEPS}" in past.stdout
-    assert_user_error(seq, "--seq_len=256", "max_seq_len=64", "--seq_len 64")
+    assert_user_error(seq, "phase1/last.pt", "with --seq_len 64", "resume the same way")
     assert_user_error(frozen, "phase2/last.pt", "without --freeze_decoder", "resume the same way")
     assert_user_error(batch, "phase2/last.pt", "with --batch_size 8", "resume the same way")
     assert_user_error(adamw, "phase2/last.pt", "with --muon_scale 4.0", "resume with Muon on")
