@@ -3,10 +3,13 @@ Plumbing shared by the four phase scripts, so each script can show only its trai
 devices and DDP, the LR schedule, the optimizer, atomic checkpoints, resume state, Ctrl-C/SIGTERM,
 throughput and MFU, and one-line errors for bad input.
 """
+import errno
 import json
 import math
 import os
 import random
+import re
+import shutil
 import signal
 import sys
 import time
@@ -23,12 +26,15 @@ class UserError(Exception):
 
 
 def cli(main):
-    """Run main(); turn UserError into a one-line message and exit code 2 (no traceback)."""
+    """Run main(); turn UserError into a one-line message and exit code 2, Ctrl-C into exit code 130 (no traceback)."""
     try:
         main()
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C outside training (world build, data loading, evaluation): no traceback
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 # -----------------------------------------------------------------------------
@@ -41,7 +47,9 @@ def add_run_args(p, phase):
     p.add_argument("--out_dir", default="out", help="all phases read and write under this folder")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     p.add_argument("--resume", action="store_true", help=f"continue from {phase}/last.pt")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--restart", action="store_true",
+                   help=f"start over although {phase}/ holds a run: it is first moved aside to {phase}.old-<time>")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--no_fast_cpu", action="store_true", help="plain model.py on CPU too (fast_cpu.py off)")
 
 
@@ -131,12 +139,17 @@ def all_reduce_mean(x, run):
     return t.item() / run.world_size
 
 
+def show_progress(args=None):
+    """Progress bars only on a terminal (in a log file they are ~80 bytes per step), and never with --quiet."""
+    return sys.stderr.isatty() and not getattr(args, "quiet", False)
+
+
 def ensure_world(world_dir, run):
     """The built-in world in world_dir, built first if it is missing. Under torchrun rank 0 builds it while
     the other ranks wait: ranks building at once would rewrite files another rank is already reading."""
     from data.world import ensure_built
     if run.master:
-        ensure_built(world_dir)
+        ensure_built(world_dir, progress=show_progress(getattr(run, "args", None)))
     if run.ddp:
         import torch.distributed as dist
         dist.barrier()
@@ -144,6 +157,9 @@ def ensure_world(world_dir, run):
 
 
 def cleanup(run):
+    """The run is over: the out dir is free for the next one (also in-process, e.g. under pytest)."""
+    if getattr(run, "lock", None) is not None:
+        run.lock.release()
     if run.ddp:
         import torch.distributed as dist
         dist.destroy_process_group()
@@ -305,21 +321,87 @@ def set_lr(optimizer, scale):
 # -----------------------------------------------------------------------------
 # Checkpoints: atomic writes, plain contents (weights_only=True loads them), clear errors
 
-def save_checkpoint(obj, path):
-    """Write to a temp file in the same folder, fsync, then rename: a crash mid-write never leaves a
-    half-written checkpoint where a good one was."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+def write_failed(path, e):
+    """An operating-system failure while writing (disk full, read-only, no permission) as one line. Every
+    write goes to a temp file first, so what was there before is intact."""
+    why = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+           errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+           errno.EPERM: "permission denied"}.get(getattr(e, "errno", None))
+    if why is None:  # torch.save reports a failed write as RuntimeError "[enforce fail at inline_container.cc]"
+        why = (getattr(e, "strerror", None) or str(e).splitlines()[0] or type(e).__name__)[:120]
+        if "inline_container" in str(e):
+            why = "the write failed (disk full?)"
+    return UserError(f"could not write {path}: {why}; nothing written earlier was damaged. "
+                     "Free space or fix the folder's permissions, then run again (with --resume to continue)")
+
+
+def write_atomic(path, write, binary=True):
+    """write(f) into a temp file in the same folder, fsync, then rename: a crash or a full disk mid-write never
+    leaves a half-written file where a good one was, and no temp file is left behind."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(tmp, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:  # failed or interrupted mid-write: the old checkpoint stays, no temp file is left
+    except BaseException as e:  # failed or interrupted mid-write: the old file stays
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) or (isinstance(e, RuntimeError) and "inline_container" in str(e)):
+            raise write_failed(path, e) from None
         raise
+
+
+def save_checkpoint(obj, path):
+    """Write to a temp file in the same folder, fsync, then rename: a crash mid-write never leaves a
+    half-written checkpoint where a good one was."""
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def write_json_atomic(obj, path, indent=1):
+    """data.json, results.json, eval.json and cache metadata, written like the checkpoints (never half a file)."""
+    write_atomic(path, lambda f: json.dump(obj, f, indent=indent), binary=False)
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True
+
+
+def remove_stale_temps(folder, prefix=""):
+    """Temp files (`name.tmp<pid>`) and temp folders of processes that are gone: a kill -9 mid-write leaves them.
+    prefix: only names that start with it."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        m = re.search(r"\.tmp(\d+)(\.npy)?$", name)
+        if m and name.startswith(prefix) and not pid_alive(int(m.group(1))):
+            p = os.path.join(folder, name)
+            try:
+                shutil.rmtree(p) if os.path.isdir(p) else os.remove(p)
+            except OSError:
+                pass
+
+
+def file_hash(path):
+    """A short content hash: a later phase records the one of the checkpoint it starts from."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
 
 
 def load_checkpoint(path, expect_phase=None, run_first=None):
@@ -509,23 +591,63 @@ class Run(SimpleNamespace):
         self.out = os.path.join(args.out_dir, out_name or phase)
         self.best_path, self.last_path = os.path.join(self.out, "best.pt"), os.path.join(self.out, "last.pt")
         self.same_on_resume = same_on_resume  # flags a resume must keep (e.g. those that define the val loss)
-        self.command = command or f"python {phase}.py"
+        script = {"phase1": "phase1_text", "phase2": "phase2_caption", "phase4": "phase4_vqa"}.get(phase, phase)
+        self.command = command or f"python {script}.py"
         self.gen = torch.Generator().manual_seed(args.seed)  # the training data order, saved with last.pt
         self.step, self.best_val, self.val_loss, self.loss = 0, float("inf"), float("nan"), None
         self.best_step = None  # the step best.pt holds (None: saved before a --resume, see finish)
+        self.parent = None
+        if self.master:  # before any data is loaded: a mistake here costs nothing
+            check_writable(args.out_dir)
+            self.lock = OutDirLock(args.out_dir)
+            self.protect_finished_run()
+            remove_stale_temps(args.out_dir)
+            remove_stale_temps(self.out)
+        if self.ddp:
+            import torch.distributed as dist
+            dist.barrier()  # the other ranks read nothing from the out dir before rank 0 checked it
+
+    def protect_finished_run(self):
+        """A run that saved a checkpoint here is never trained over by accident (best.pt would be replaced at the
+        first evaluation, and later phases built on it orphaned): --resume continues it, --restart moves it aside."""
+        a = self.args
+        there = [f for f in (self.best_path, self.last_path) if os.path.exists(f)]
+        if a.resume and getattr(a, "restart", False):
+            raise UserError("--resume continues the run there and --restart starts over: pass one of them")
+        if a.resume or not there:
+            return
+        if not getattr(a, "restart", False):
+            raise UserError(f"{self.out} already holds a run ({', '.join(map(os.path.basename, there))}); continue it "
+                            f"with --resume, start over with --restart (moves it to {self.out}.old-<time>), "
+                            "or use another --out_dir")
+        aside = f"{self.out}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        try:
+            os.replace(self.out, aside)
+        except OSError as e:
+            raise UserError(f"--restart: could not move {self.out} to {aside} ({e.strerror}); nothing was changed")
+        print(f"--restart: moved the earlier run to {aside}", file=sys.stderr)
 
     def last_checkpoint(self):
         """With --resume: last.pt, checked against this run's flags; without: None."""
         if not self.args.resume:
             return None
+        if not os.path.exists(self.last_path) and os.path.exists(self.best_path):
+            raise UserError(f"{self.last_path} not found, so the run in {self.out} cannot be continued; its best.pt "
+                            "is kept. Start over with --restart (moves it aside) or use another --out_dir")
         ckpt = load_checkpoint(self.last_path, self.phase, run_first=self.command)
         check_resume_flags(ckpt, self.args, self.last_path, self.same_on_resume)
         return ckpt
 
-    def start(self, model, optimizer, tokenizer, ckpt=None):
+    def start(self, model, optimizer, tokenizer, ckpt=None, parent=None):
         """Remember what checkpoints hold; from last.pt, restore the weights, the optimizer's moments,
-        the RNG, the step and the best val loss."""
+        the RNG, the step and the best val loss. parent: the checkpoint this phase starts from; its hash goes
+        into every checkpoint, so eval.py can tell when it changed since (a resume keeps the first one)."""
         self.model, self.optimizer, self.tokenizer = model, optimizer, tokenizer
+        if parent is not None and ckpt is None and self.master:
+            self.parent = {"path": os.path.relpath(os.path.abspath(parent), os.path.abspath(self.args.out_dir)),
+                           "hash": file_hash(parent)}
+        if ckpt is not None and "parent" in ckpt:
+            self.parent = ckpt["parent"]
         if ckpt is not None:
             model.load_state_dict(ckpt["model"])
             resume_training(ckpt, optimizer, {"data": self.gen}, self.last_path)
@@ -533,7 +655,7 @@ class Run(SimpleNamespace):
             self.log(f"resumed from {self.last_path} at step {self.step} (best val {self.best_val:.4f})")
         self.stop = StopFlag()
         self.meter = Meter(self)
-        self.pbar = tqdm(total=self.args.max_steps, initial=self.step, disable=not self.master or self.args.quiet,
+        self.pbar = tqdm(total=self.args.max_steps, initial=self.step, disable=not self.master or not show_progress(self.args),
                          desc=os.path.basename(self.out), dynamic_ncols=True)
 
     def log(self, line):
@@ -580,7 +702,8 @@ class Run(SimpleNamespace):
     def checkpoint(self, with_optimizer):
         return make_checkpoint(self.model, self.phase, self.tokenizer, self.step,
                                self.val_loss, self.best_val, self.args,
-                               self.optimizer if with_optimizer else None, {"data": self.gen})
+                               self.optimizer if with_optimizer else None, {"data": self.gen},
+                               **({"parent": self.parent} if self.parent else {}))
 
     def finish(self):
         """Training is over: Ctrl-C stops at once again; returns the best checkpoint's path."""
@@ -603,6 +726,65 @@ class Run(SimpleNamespace):
                   f"{self.best_val:.4f}, step {self.step}: {self.val_loss:.4f}), so {self.best_path} is the model as it "
                   f"was before training; give it more data, fewer steps (--max_steps) or a lower learning rate ({lr})",
                   file=sys.stderr)
+
+
+def check_writable(out_dir):
+    """Before any data is loaded: a read-only or full out dir says so in one line, not after minutes of work."""
+    probe = os.path.join(out_dir, f".write_test.tmp{os.getpid()}")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise write_failed(probe if os.path.isdir(out_dir) else out_dir, e) from None
+
+
+class OutDirLock:
+    """One run per out dir: a second run would train with the first one's half-written tokenizer, and the last
+    to finish would silently win. The lock file holds the owner's pid and the out dir's absolute path; a lock
+    whose process is gone (a kill -9), or that was copied along with the folder, is stale and taken over."""
+
+    def __init__(self, out_dir):
+        import atexit
+        self.path = os.path.join(out_dir, ".lock")
+        self.here, self.where = os.path.abspath(out_dir), None
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                owner = self.owner()
+                if owner is not None and pid_alive(owner) and owner != os.getpid() and self.where == self.here:
+                    raise UserError(f"{out_dir} is in use by another run (process {owner}, see {self.path}); wait "
+                                    "for it to finish, stop it, or use another --out_dir")
+                try:  # stale: its process is gone
+                    os.remove(self.path)
+                except FileNotFoundError:
+                    pass
+                continue
+            except OSError as e:
+                raise write_failed(self.path, e) from None
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()}\n{self.here}\n{' '.join(sys.argv)}\n")
+            atexit.register(self.release)
+            return
+        raise UserError(f"could not take the lock {self.path}; delete it if no run is using {out_dir}")
+
+    def owner(self):
+        try:
+            with open(self.path) as f:
+                lines = f.read().splitlines()
+            self.where = lines[1] if len(lines) > 1 else None
+            return int(lines[0])
+        except (OSError, ValueError, IndexError):
+            return None  # empty or unreadable (a kill between create and write): stale
+
+    def release(self):
+        if self.owner() == os.getpid():
+            try:
+                os.remove(self.path)
+            except OSError:
+                pass
 
 
 # -----------------------------------------------------------------------------

@@ -563,8 +563,11 @@ def load_blimp(path, max_per_paradigm=0):
     for f in files:
         rows = read_jsonl(f)
         for i, r in enumerate(rows):
-            if "sentence_good" not in r or "sentence_bad" not in r:
+            if not isinstance(r, dict) or "sentence_good" not in r or "sentence_bad" not in r:
                 raise UserError(f"{f} line {i + 1}: a BLiMP row needs sentence_good and sentence_bad")
+            for field in ("sentence_good", "sentence_bad", "UID"):
+                if (field in r or field != "UID") and not isinstance(r[field], str) and not (field == "UID" and r[field] is None):
+                    raise UserError(f"{f} line {i + 1}: {field} must be a string, not {type(r[field]).__name__}")
         uid = os.path.splitext(os.path.basename(f))[0]
         rows = [{"sentence_good": r["sentence_good"], "sentence_bad": r["sentence_bad"], "UID": r.get("UID") or uid}
                 for r in rows]
@@ -604,8 +607,9 @@ def load_eval_data(args):
     w = args.world_dir
     if not os.path.exists(os.path.join(w, "meta.json")):
         from data.world import ensure_built
+        from common import show_progress
         print(f"{w} has no built world: building it (python -m data.world --out {w})")
-        ensure_built(w)
+        ensure_built(w, progress=show_progress(args))
     mp = read_jsonl(os.path.join(w, "minimal_pairs.jsonl"))
     d["world_mp"] = [p for p in mp if not p.get("heldout")]
     d["world_mp_heldout"] = [p for p in mp if p.get("heldout")]
@@ -819,8 +823,22 @@ def draw_chart(results, path, width=900, height=480):
     return path
 
 
+def stale_parent(ckpt, path):
+    """Why a checkpoint's inputs changed since it was trained (the checkpoint it started from, recorded by hash,
+    is gone or another now, e.g. after phase 1 was run again with --restart), or None."""
+    from common import file_hash
+    parent = ckpt.get("parent")
+    if not isinstance(parent, dict) or not isinstance(parent.get("path"), str):
+        return None
+    p = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(path))), parent["path"])
+    if not os.path.exists(p):
+        return f"built from {parent['path']}, which is gone"
+    if file_hash(p) != parent.get("hash"):
+        return f"built from {parent['path']}, which changed since"
+    return None
+
+
 def main(argv=None):
-    import json
     import time
     from types import SimpleNamespace
     from common import checkpoint_tokenizer, load_checkpoint, place, setup
@@ -828,6 +846,8 @@ def main(argv=None):
     args = parse_args(argv)
     log = (lambda *a: None) if args.quiet else print
     ckpts = find_checkpoints(args)
+    from common import check_writable
+    check_writable(os.path.dirname(os.path.abspath(args.json)))  # before minutes of evaluation, not after
     run = setup(SimpleNamespace(device=args.device, seed=args.seed, no_fast_cpu=args.no_fast_cpu))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -847,8 +867,10 @@ def main(argv=None):
         metrics, detail = evaluate_checkpoint(model, sp, data, args, run.device, coco_cache, log)
         dt = time.perf_counter() - t0
         log(f"  {dt:.1f} s ({', '.join(f'{k} {v:.1f}' for k, v in detail['seconds'].items())})")
+        stale = stale_parent(ckpt, path)
         results.append({"name": name, "ckpt": path, "phase": ckpt.get("phase"), "step": ckpt.get("step"),
-                        "vision": isinstance(model, VLM), "metrics": metrics, "detail": detail, "seconds": round(dt, 2)})
+                        "vision": isinstance(model, VLM), "metrics": metrics, "detail": detail, "seconds": round(dt, 2),
+                        **({"stale": stale} if stale else {})})
         del model
     baselines = minimal_pair_baselines(args, ckpts, data, log)
     # columns: a benchmark that was not run for any checkpoint is left out; a text-only row says n/a
@@ -870,15 +892,17 @@ def main(argv=None):
                             total=("overall", lambda r: r["metrics"]["vqa"])))
     note = "; bpb = bits per byte on held-out descriptions, lower is better" if world else ""
     print(f"\nResults (accuracies in 0..1{note})\n")
-    print(results_table(results + baselines, columns))
+    print(results_table([dict(r, name=r["name"] + " (!)") if r.get("stale") else r for r in results] + baselines, columns))
     if baselines:
         print(f"\n(baselines: word n-gram models trained on the text phase 1 read, {baselines[0]['source']}; "
               "chance is 0.5 on every minimal-pair benchmark)")
+    for r in results:
+        if r.get("stale"):
+            print(f"(!) {r['name']}: {r['stale']}; its row may not match a rerun")
     total = time.perf_counter() - t_all
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"results": results, "baselines": baselines, "columns": [k for k, _ in columns], "settings": vars(args),
-                   "device": run.device, "seconds": round(total, 2)}, f, indent=1)
+    from common import write_json_atomic
+    write_json_atomic({"results": results, "baselines": baselines, "columns": [k for k, _ in columns],
+                       "settings": vars(args), "device": run.device, "seconds": round(total, 2)}, args.json)
     draw_chart(results, args.chart)
     print(f"\nwrote {args.json} and {args.chart} ({total:.0f} s)")
 

@@ -13,7 +13,6 @@ more exact captions than AdamW alone in the same few CPU minutes (docs/LOG.md).
 Reads out/phase1/best.pt, writes out/phase2/best.pt (lowest caption val loss) and last.pt.
 """
 import argparse
-import json
 import os
 from types import SimpleNamespace
 
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 from common import (UserError, Run, add_run_args, all_reduce_mean, check_args, checkpoint_tokenizer, cleanup, cli,
-                    ensure_world, grad_sync, load_checkpoint, lr_at, make_optimizer, place, set_lr, to_device, wrap_model)
+                    ensure_world, grad_sync, load_checkpoint, lr_at, make_optimizer, place, set_lr, to_device, wrap_model, write_json_atomic)
 from data.images import load_coco, load_world_split, split_indices
 from data.text import replay_step, text_of_phase1
 from eval import caption_images, caption_report
@@ -198,7 +197,7 @@ def main(argv=None):
     groups = [(list(model.vit.named_parameters()) + list(model.projector.named_parameters()), args.lr_new),
               (model.decoder.named_parameters(), args.lr_decoder)]  # new parts and the pretrained decoder
     optimizer = make_optimizer(groups, args.weight_decay, (0.9, 0.95), run.device_type, args.muon_scale)
-    run.start(model, optimizer, prev["tokenizer"], ckpt)
+    run.start(model, optimizer, prev["tokenizer"], ckpt, parent=prev_path)
     dmodel = wrap_model(model, run, args.compile)
 
     # phase 1 text replay: every k-th step is a text batch instead of a caption batch
@@ -255,8 +254,7 @@ def main(argv=None):
     if run.master and args.n_test > 0:
         best = place(build_model(load_checkpoint(best_path, "phase2")), run)
         result = {"best_val_loss": run.best_val, **caption_report(best, sp, data["test"], args.n_test, run.device)}
-        with open(os.path.join(run.out, "results.json"), "w") as f:
-            json.dump(result, f, indent=1)
+        write_json_atomic(result, os.path.join(run.out, "results.json"))
     run.log(f"done: best val caption loss {run.best_val:.4f} -> {best_path}")
     cleanup(run)
 

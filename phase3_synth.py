@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (UserError, Run, add_run_args, check_args, checkpoint_tokenizer, cleanup, cli, ensure_world,
-                    load_checkpoint, lr_at, make_optimizer, place, read_jsonl, set_lr, to_device, wrap_model)
+from common import (UserError, Run, add_run_args, check_args, checkpoint_tokenizer, cleanup, cli, ensure_world, load_checkpoint,
+                    lr_at, make_optimizer, place, read_jsonl, set_lr, show_progress, to_device, wrap_model, write_json_atomic)
 from data.images import load_image_array, load_world_split
 from data.text import text_of_phase1, tokenize_lines, val_loss
 from eval import caption_images, language_scores, sequence_logprobs
@@ -99,7 +99,7 @@ def synthesize(model, sp, images, args, run):
     rows = []
     t0 = time.perf_counter()
     kw = dict(temperature=args.temperature, top_k=args.top_k or None)
-    pbar = tqdm(total=n * args.captions_per_image, desc="dreaming", disable=args.quiet, dynamic_ncols=True)
+    pbar = tqdm(total=n * args.captions_per_image, desc="dreaming", disable=not show_progress(args), dynamic_ncols=True)
     for rep in range(args.captions_per_image):
         for b0 in range(0, n, args.gen_batch):
             idx = np.arange(b0, min(b0 + args.gen_batch, n))
@@ -236,7 +236,7 @@ def main(argv=None):
         p.requires_grad_(False)
     decoder = model.decoder
     optimizer = make_optimizer([(decoder.named_parameters(), args.lr)], args.weight_decay, (0.9, 0.95), run.device_type)
-    run.start(model, optimizer, prev["tokenizer"], ckpt)
+    run.start(model, optimizer, prev["tokenizer"], ckpt, parent=init_path)
     ddecoder = wrap_model(decoder, run, args.compile)
     flops_per_step = decoder.flops_per_token(args.seq_len) * args.seq_len * args.batch_size / run.world_size
     model.train()
@@ -266,8 +266,7 @@ def main(argv=None):
         print(f"{args.out_name}: world minimal pairs {100 * result['mp']:.1f}% | on held-out combos "
               f"{100 * result['mp_heldout']:.1f}% | loss on held-out descriptions {result['desc_loss']:.4f} "
               f"(held-out-combo lines {result['desc_heldout_loss']:.4f})")
-        with open(os.path.join(run.out, "results.json"), "w") as f:
-            json.dump(result, f, indent=1)
+        write_json_atomic(result, os.path.join(run.out, "results.json"))
     cleanup(run)
 
 

@@ -20,7 +20,6 @@ log-probability, next to the majority baseline (always the most frequent trainin
 Reads out/phase3/best.pt, writes out/phase4/best.pt (lowest val answer loss), last.pt, results.json.
 """
 import argparse
-import json
 import os
 import sys
 from types import SimpleNamespace
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 from common import (UserError, Run, add_run_args, all_reduce_mean, check_args, checkpoint_tokenizer, cleanup, cli,
-                    ensure_world, load_checkpoint, lr_at, make_optimizer, place, set_lr, to_device, wrap_model)
+                    ensure_world, load_checkpoint, lr_at, make_optimizer, place, set_lr, to_device, wrap_model, write_json_atomic)
 from data.images import split_indices
 from data.text import replay_step, text_of_phase1
 from data.vqa import answers_by_type, load_vqav2, load_world_vqa, split_by_image
@@ -197,7 +196,7 @@ def main(argv=None):
     groups = [(list(model.vit.named_parameters()) + list(model.projector.named_parameters()), args.lr_vision),
               (model.decoder.named_parameters(), args.lr_decoder)]
     optimizer = make_optimizer(groups, args.weight_decay, (0.9, 0.95), run.device_type)
-    run.start(model, optimizer, src["tokenizer"], ckpt)
+    run.start(model, optimizer, src["tokenizer"], ckpt, parent=src_path)
     dmodel = wrap_model(model, run, args.compile)
 
     # phase 1 text replay: every k-th step is a text batch instead of a question batch
@@ -255,8 +254,7 @@ def main(argv=None):
         vqav2 = bool(args.vqa_questions)
         per, n = vqa_report(best, sp, data["test"], ranked, args.n_test, vqav2, args.max_answer_tokens, run.device)
         result = {"best_val_loss": run.best_val, "n_test": n, "init": args.init, "steps": run.step, "by_type": per}
-        with open(os.path.join(run.out, "results.json"), "w") as f:
-            json.dump(result, f, indent=1)
+        write_json_atomic(result, os.path.join(run.out, "results.json"))
     run.log(f"done: best val answer loss {run.best_val:.4f} -> {best_path}")
     cleanup(run)
 

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from common import UserError, read_json, read_jsonl
+from common import UserError, read_json, read_jsonl, write_atomic, write_json_atomic
 
 
 def load_world_split(world_dir, split):
@@ -69,24 +69,26 @@ def load_coco(coco_dir, size, cache_dir):
     if not isinstance(ann, dict) or "images" not in ann or "annotations" not in ann:
         raise UserError(f"{ann_path} is not a COCO captions file (needs 'images' and 'annotations')")
     caps = {}
+    if not isinstance(ann["images"], list) or not isinstance(ann["annotations"], list):
+        raise UserError(f"{ann_path}: \"images\" and \"annotations\" must be lists")
     for i, a in enumerate(ann["annotations"]):
-        if not isinstance(a, dict) or "image_id" not in a or not isinstance(a.get("caption"), str):
-            raise UserError(f"{ann_path}: annotation {i} needs an \"image_id\" and a \"caption\" string")
+        if not isinstance(a, dict) or not _is_id(a.get("image_id")) or not isinstance(a.get("caption"), str):
+            raise UserError(f"{ann_path}: annotation {i} needs an \"image_id\" (a number or string) and a \"caption\" string")
         caps.setdefault(a["image_id"], []).append(" ".join(a["caption"].strip().split()))
     for i, im in enumerate(ann["images"]):
-        if not isinstance(im, dict) or "id" not in im or not isinstance(im.get("file_name"), str):
-            raise UserError(f"{ann_path}: image entry {i} needs an \"id\" and a \"file_name\"")
+        if not isinstance(im, dict) or not _is_id(im.get("id")) or not isinstance(im.get("file_name"), str):
+            raise UserError(f"{ann_path}: image entry {i} needs an \"id\" (a number or string) and a \"file_name\" string")
     entries = [im for im in ann["images"] if im["id"] in caps]
-    key = hashlib.sha1(f"{os.path.abspath(ann_path)}|{size}|{len(entries)}".encode()).hexdigest()[:10]
+    # keyed on content: the annotation file's size and mtime (edited captions make a new cache), and each image
+    # file's as recorded in the metadata (a repaired, replaced or added image makes it stale; one deleted since
+    # does not: it was decoded already)
+    key = hashlib.sha1(f"{os.path.abspath(ann_path)}|{size}|{len(entries)}|{file_stamp(ann_path)}".encode()).hexdigest()[:10]
     cache = os.path.join(cache_dir, f"coco_{key}.npy")
     meta = cache[:-4] + ".json"
-    if os.path.exists(cache) and os.path.exists(meta):
-        with open(meta) as f:
-            saved = json.load(f)
-        rows, missing = (saved, []) if isinstance(saved, list) else (saved["rows"], saved["missing"])
-        # the cache stands, unless a file that was missing when it was made is there now
-        if not any(os.path.exists(os.path.join(img_dir, name)) for name in missing):
-            return np.load(cache, mmap_mode="r"), rows
+    stamps = {im["file_name"]: file_stamp(os.path.join(img_dir, im["file_name"])) for im in entries}
+    saved = read_cache_meta(meta) if os.path.exists(cache) else None
+    if isinstance(saved, dict) and {"rows", "stamps"} <= set(saved) and same_files(stamps, saved["stamps"]):
+        return np.load(cache, mmap_mode="r"), saved["rows"]
     images, rows, bad, missing = [], [], [], []
     for im in entries:
         path = os.path.join(img_dir, im["file_name"])
@@ -110,11 +112,36 @@ def load_coco(coco_dir, size, cache_dir):
                         f"({len(missing)} missing, {len(bad)} unreadable)")
     os.makedirs(cache_dir, exist_ok=True)
     arr = np.stack(images)
-    np.save(cache[:-4] + ".tmp.npy", arr)
-    os.replace(cache[:-4] + ".tmp.npy", cache)
-    with open(meta, "w") as f:
-        json.dump({"rows": rows, "missing": missing}, f)
+    write_atomic(cache, lambda f: np.save(f, arr))
+    write_json_atomic({"rows": rows, "missing": missing, "stamps": stamps}, meta, indent=None)
     return np.load(cache, mmap_mode="r"), rows
+
+
+def _is_id(x):
+    return isinstance(x, (int, str)) and not isinstance(x, bool)
+
+
+def file_stamp(path):
+    """(size, mtime in ns) of a file, or None when it is missing: what a cache of it is keyed on."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns
+
+
+def same_files(now, saved):
+    """Every image file there now is the one the cache was made from ({name: (size, mtime) or None})."""
+    return isinstance(saved, dict) and all(st is None or list(st) == saved.get(str(name)) for name, st in now.items())
+
+
+def read_cache_meta(path):
+    """A cache's metadata, or None when it is missing or damaged (the cache is then rebuilt: it is derived data)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def split_indices(n, val_frac, seed=0):

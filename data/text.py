@@ -97,10 +97,8 @@ def tokenize_lines(lines, sp, path, bos, eos):
         for ids in sp.encode(lines[i:i + 10000]):
             chunks.append(np.array([bos] + ids + [eos], dtype=dtype))
     stream = np.concatenate(chunks) if chunks else np.zeros(0, dtype=dtype)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp.npy"
-    np.save(tmp, stream)
-    os.replace(tmp, path)
+    from common import write_atomic
+    write_atomic(path, lambda f: np.save(f, stream))  # a full disk is one line, never half a stream
     return stream
 
 
@@ -118,20 +116,31 @@ def prepare_text(out_dir, data_dir, world_dir, vocab_size, seq_len, run):
     """Text lines -> tokenizer (trained once, saved in out_dir) -> train/val token streams (.npy,
     memory-mapped). data_dir: a BabyLM-format folder, or "" for the built-in world's phase 1 text.
     Only rank 0 writes; the other ranks wait and read. Returns (tokenizer, its path, train, val)."""
+    from common import show_progress, write_json_atomic
     os.makedirs(out_dir, exist_ok=True)
     tok_path = os.path.join(out_dir, "tokenizer.model")
     source = os.path.abspath(data_dir) if data_dir else "world:" + os.path.abspath(world_dir)
     vocab = vocab_size or (4096 if data_dir else 512)
-    key = hashlib.sha1(f"{source}|{vocab}".encode()).hexdigest()[:10]
-    train_path, val_path = (os.path.join(out_dir, "tokens", f"phase1_{key}_{s}.npy") for s in ("train", "val"))
     info_path = os.path.join(out_dir, "data.json")
+    info = read_info(info_path) if os.path.exists(tok_path) and os.path.exists(info_path) else None
+    if info and "tokens" in info:  # paths relative to out_dir: a moved or copied project still finds them
+        train_path, val_path = (os.path.join(out_dir, info["tokens"][s]) for s in ("train", "val"))
+    else:  # named after the source first recorded (older data.json: its absolute path)
+        key = hashlib.sha1(f"{info['source'] if info else source}|{vocab}".encode()).hexdigest()[:10]
+        train_path, val_path = (os.path.join(out_dir, "tokens", f"phase1_{key}_{s}.npy") for s in ("train", "val"))
+    if run.master and not data_dir:
+        from data.world import ensure_built
+        ensure_built(world_dir, progress=show_progress(getattr(run, "args", None)))
     fingerprint = source_fingerprint(data_dir, world_dir) if run.master else None  # hashes the corpus once
-    if run.master and os.path.exists(tok_path) and os.path.exists(info_path):
+    if run.master and info:
         # one tokenizer per out_dir: later phases and checkpoints there depend on it, so never replace it
-        info = read_info(info_path)
-        if info.get("source") != source:
-            raise UserError(f"{out_dir} already holds a tokenizer for {info.get('source')}; "
-                            "use another --out_dir for a different corpus")
+        recorded = resolve_source(info["source"], out_dir)
+        moved = recorded != source and info.get("fingerprint") == fingerprint  # same text, another place
+        if recorded != source and not moved:
+            def name(s):
+                return f"--world_dir {s.removeprefix('world:')}" if s.startswith("world:") else f"--data_dir {s}"
+            raise UserError(f"{out_dir} holds a tokenizer made from {name(recorded)}, not {name(source)}; pass "
+                            f"{name(recorded)} as before, or use another --out_dir for this corpus")
         if info.get("requested_vocab", vocab) != vocab:
             raise UserError(f"{out_dir} already holds a {info['requested_vocab']}-piece tokenizer; "
                             f"use another --out_dir for --vocab_size={vocab}")
@@ -143,25 +152,25 @@ def prepare_text(out_dir, data_dir, world_dir, vocab_size, seq_len, run):
             train_lines, val_lines = read_babylm_folder(data_dir)
             tok_lines = train_lines
         else:
-            from data.world import ensure_built
-            ensure_built(world_dir)
             train_lines = read_lines(os.path.join(world_dir, "text_train.txt"))
             val_lines = read_lines(os.path.join(world_dir, "text_val.txt"))
             # the tokenizer also sees the caption/QA text later phases use, so every word of the
             # world is a piece from the start (the model itself only sees phase 1 text here)
             tok_lines = train_lines + world_extra_text(world_dir)
         requested = vocab
-        if os.path.exists(tok_path) and os.path.exists(info_path):  # same corpus (checked above): reuse it
+        if info:  # same corpus (checked above): reuse its tokenizer
             sp = load_tokenizer(tok_path)
-            requested = read_info(info_path).get("requested_vocab", vocab)
+            requested = info.get("requested_vocab", vocab)
         else:
             print(f"training a {vocab}-piece BPE tokenizer on {len(tok_lines):,} lines -> {tok_path}")
             sp = train_tokenizer(tok_lines, tok_path, vocab)
         tokenize_lines(train_lines, sp, train_path, BOS, EOS)
         tokenize_lines(val_lines, sp, val_path, BOS, EOS)
-        with open(info_path, "w") as f:
-            json.dump({"source": source, "vocab_size": sp.get_piece_size(), "requested_vocab": requested,
-                       "fingerprint": fingerprint, "world_dir": world_dir, "data_dir": data_dir}, f, indent=1)
+        recorded = info["source"] if info else relative_source(source, out_dir)
+        write_json_atomic({"source": recorded, "vocab_size": sp.get_piece_size(), "requested_vocab": requested,
+                           "fingerprint": fingerprint, "world_dir": world_dir, "data_dir": data_dir,
+                           "tokens": {"train": os.path.relpath(train_path, out_dir),
+                                      "val": os.path.relpath(val_path, out_dir)}}, info_path)
     if run.ddp:
         import torch.distributed as dist
         dist.barrier()
@@ -173,6 +182,20 @@ def prepare_text(out_dir, data_dir, world_dir, vocab_size, seq_len, run):
     return sp, tok_path, train, val
 
 
+def relative_source(source, out_dir):
+    """data.json records a folder inside out_dir relative to it (so the project can move), others absolute."""
+    prefix = "world:" if source.startswith("world:") else ""
+    path, top = source.removeprefix(prefix), os.path.abspath(out_dir)
+    return prefix + os.path.relpath(path, top) if path.startswith(top + os.sep) else source
+
+
+def resolve_source(recorded, out_dir):
+    """The absolute source of a data.json entry (relative ones are relative to out_dir)."""
+    prefix = "world:" if recorded.startswith("world:") else ""
+    path = recorded.removeprefix(prefix)
+    return prefix + (path if os.path.isabs(path) else os.path.abspath(os.path.join(out_dir, path)))
+
+
 def source_fingerprint(data_dir, world_dir):
     """A hash of what phase 1 reads, so tokens and a tokenizer made from older text are never reused: the
     BabyLM files' bytes, or the world's meta.json (its seed, scale and format decide every file)."""
@@ -180,7 +203,7 @@ def source_fingerprint(data_dir, world_dir):
         files = sorted(glob.glob(os.path.join(data_dir, "*.train")) + glob.glob(os.path.join(data_dir, "*.dev")))
     else:
         from data.world import ensure_built
-        ensure_built(world_dir)
+        ensure_built(world_dir)  # built by prepare_text already: this reads its meta.json
         files = [os.path.join(world_dir, "meta.json")]
     h = hashlib.sha1()
     for path in files:
@@ -192,8 +215,15 @@ def source_fingerprint(data_dir, world_dir):
 
 
 def read_info(path):
-    with open(path) as f:
-        return json.load(f)
+    """out_dir/data.json: what phase 1's tokenizer and token streams were made from."""
+    from common import read_json
+    info = read_json(path)
+    if not isinstance(info, dict) or not isinstance(info.get("source"), str) or not (
+            "tokens" not in info or isinstance(info["tokens"], dict) and
+            all(isinstance(info["tokens"].get(k), str) for k in ("train", "val"))):
+        raise UserError(f"{path}: \"source\" must be a string and \"tokens\" a {{\"train\", \"val\"}} object of paths; "
+                        "it is damaged: restore it, or use another --out_dir")
+    return info
 
 
 def world_extra_text(world_dir):
@@ -210,14 +240,20 @@ def world_extra_text(world_dir):
 
 def text_of_phase1(p1_ckpt, out_dir, run):
     """Phase 1's (train, val) token streams for a later phase: the corpus phase 1 recorded in out_dir's
-    data.json (by absolute path), tokenized with out_dir's tokenizer, which every checkpoint there shares.
-    Not the folders phase 1's args name: those may be relative to another directory, or renamed since."""
+    data.json, tokenized with out_dir's tokenizer, which every checkpoint there shares.
+    Not the folders phase 1's args name: those may be relative to another directory, or renamed since
+    (they are the fallback when the recorded world is gone: a moved project). Never a new world built."""
     a = p1_ckpt["args"]
     data_dir, world_dir = a.get("data_dir", ""), a.get("world_dir", "data/world")
     info_path = os.path.join(out_dir, "data.json")
-    source = read_info(info_path).get("source", "") if os.path.exists(info_path) else ""
+    source = resolve_source(read_info(info_path)["source"], out_dir) if os.path.exists(info_path) else ""
     if source.startswith("world:"):
-        world_dir, data_dir = source.removeprefix("world:"), ""
+        recorded = source.removeprefix("world:")
+        found = [w for w in (recorded, world_dir) if os.path.exists(os.path.join(w, "meta.json"))]
+        if not found:
+            raise UserError(f"{info_path} says phase 1 read the world in {recorded}, which is gone; put it back, or "
+                            f"rebuild it there with `python -m data.world --out {recorded}` and phase 1's settings")
+        world_dir, data_dir = found[0], ""
     elif source:
         data_dir = source
     _, _, train, val = prepare_text(out_dir, data_dir, world_dir, a.get("vocab_size", 0), a["seq_len"], run)

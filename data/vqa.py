@@ -16,7 +16,6 @@ Every record is {"image": row in the image array, "question": str, "answer": the
     references = the 10 human answers, type = answer_type (yes/no, number, other).
 """
 import hashlib
-import json
 import os
 import re
 import sys
@@ -24,8 +23,8 @@ import sys
 import numpy as np
 from PIL import Image
 
-from common import UserError, read_json, read_jsonl
-from data.images import center_square
+from common import UserError, read_json, read_jsonl, write_atomic, write_json_atomic
+from data.images import center_square, file_stamp, read_cache_meta, same_files
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp")
 
@@ -39,8 +38,11 @@ def load_world_vqa(world_dir, split):
     rows = read_jsonl(os.path.join(world_dir, f"vqa_{split}.jsonl"))
     out = []
     for i, r in enumerate(rows, 1):
-        if not all(k in r for k in ("image", "question", "answer", "type")):
+        if not isinstance(r, dict) or not all(k in r for k in ("image", "question", "answer", "type")):
             raise UserError(f"{world_dir}/vqa_{split}.jsonl line {i} lacks image/question/answer/type; rebuild the world")
+        bad = _wrong_types(r, {"image": int, "question": str, "answer": str, "type": str})
+        if bad:
+            raise UserError(f"{world_dir}/vqa_{split}.jsonl line {i}: {', '.join(bad)} of the wrong type; rebuild the world")
         if not 0 <= r["image"] < len(images):
             raise UserError(f"{world_dir}/vqa_{split}.jsonl line {i}: image {r['image']} but only {len(images)} images; "
                             "rebuild the world")
@@ -88,20 +90,34 @@ def _read_vqav2(questions_path, annotations_path):
         raise UserError(f"{annotations_path} is not a VQAv2 annotations file (needs an 'annotations' list)")
     by_qid = {}
     for k, a in enumerate(anns["annotations"]):
+        if not isinstance(a, dict):
+            raise UserError(f"{annotations_path}: annotation {k} is a {type(a).__name__}, not an object")
         missing = [f for f in ("question_id", "image_id", "multiple_choice_answer", "answers") if f not in a]
         if missing:
             raise UserError(f"{annotations_path}: annotation {k} lacks {', '.join(missing)}")
+        bad = _wrong_types(a, {"question_id": _ID, "image_id": _ID, "multiple_choice_answer": (str, int, float),
+                               "answers": list, "answer_type": str})
+        if not bad and not all(isinstance(x, (str, int, float)) or isinstance(x, dict) and
+                               isinstance(x.get("answer"), (str, int, float)) for x in a["answers"]):
+            bad = ["answers (a list of {\"answer\": string} objects or strings)"]
+        if bad:
+            raise UserError(f"{annotations_path}: annotation {k}: {', '.join(bad)} of the wrong type")
         by_qid[a["question_id"]] = a
     items, unanswered = [], 0
     for k, q in enumerate(qs["questions"]):
+        if not isinstance(q, dict):
+            raise UserError(f"{questions_path}: question {k} is a {type(q).__name__}, not an object")
         missing = [f for f in ("question_id", "image_id", "question") if f not in q]
         if missing:
             raise UserError(f"{questions_path}: question {k} lacks {', '.join(missing)}")
+        bad = _wrong_types(q, {"question_id": _ID, "image_id": int, "question": str})
+        if bad:
+            raise UserError(f"{questions_path}: question {k}: {', '.join(bad)} of the wrong type")
         a = by_qid.get(q["question_id"])
         if a is None:
             unanswered += 1
             continue
-        answers = [x["answer"] if isinstance(x, dict) else str(x) for x in a["answers"]]
+        answers = [str(x["answer"]) if isinstance(x, dict) else str(x) for x in a["answers"]]
         items.append({"image_id": q["image_id"], "question": " ".join(q["question"].strip().split()),
                       "answer": " ".join(str(a["multiple_choice_answer"]).strip().split()),
                       "answers": answers or [a["multiple_choice_answer"]], "type": a.get("answer_type", "other"),
@@ -113,24 +129,38 @@ def _read_vqav2(questions_path, annotations_path):
     return items
 
 
+_ID = (int, str)
+
+
+def _wrong_types(row, types):
+    """The fields of row whose value is not of the type wanted ({field: type or tuple}), as 'field (type)'."""
+    def ok(v, t):
+        return isinstance(v, t) and not isinstance(v, bool)
+    return [f"{f} ({'/'.join(x.__name__ for x in (t if isinstance(t, tuple) else (t,)))} expected)"
+            for f, t in types.items() if f in row and not ok(row[f], t)]
+
+
 def load_vqav2(questions_path, annotations_path, images_dir, size, cache_dir, pattern=""):
     """VQAv2-format questions + annotations + image folder -> (uint8 (N, size, size, 3), records).
     Images are decoded once and cached as cache_dir/vqa_<key>.npy (+ .json: the ids kept, and the ids that had
     no file, so the cache is rebuilt once any of those appear)."""
     items = _read_vqav2(questions_path, annotations_path)
     ids = sorted({it["image_id"] for it in items})
+    # keyed on content: both JSON files' size and mtime (an edited answer makes a new cache), and each image
+    # file's as recorded in the metadata (a repaired, replaced or new image makes it stale; one deleted since
+    # does not: it was decoded already)
+    stamp = [file_stamp(questions_path), file_stamp(annotations_path)]
     key = hashlib.sha1(f"{os.path.abspath(questions_path)}|{os.path.abspath(annotations_path)}|"
-                       f"{os.path.abspath(images_dir)}|{pattern}|{size}|{len(ids)}".encode()).hexdigest()[:10]
+                       f"{os.path.abspath(images_dir)}|{pattern}|{size}|{len(ids)}|{stamp}".encode()).hexdigest()[:10]
     cache = os.path.join(cache_dir, f"vqa_{key}.npy")
     meta = cache[:-4] + ".json"
     images = None
-    if os.path.exists(cache) and os.path.exists(meta):
-        with open(meta) as f:
-            saved = json.load(f)
-        kept, missing = (saved, []) if isinstance(saved, list) else (saved["kept"], saved["missing"])
-        # the cache stands, unless an image that had no file when it was made has one now
-        if not (missing and os.path.isdir(images_dir) and find_images(images_dir, missing, pattern)):
-            images = np.load(cache, mmap_mode="r")
+    paths = find_images(images_dir, ids, pattern) if os.path.isdir(images_dir) else {}
+    stamps = {i: file_stamp(p) for i, p in paths.items()}
+    saved = read_cache_meta(meta) if os.path.exists(cache) else None
+    if isinstance(saved, dict) and {"kept", "stamps"} <= set(saved) and same_files(stamps, saved["stamps"]):
+        kept = saved["kept"]
+        images = np.load(cache, mmap_mode="r")
     if images is None:
         paths = find_images(images_dir, ids, pattern)
         arrs, kept, bad, missing = [], [], [], []
@@ -153,10 +183,10 @@ def load_vqav2(questions_path, annotations_path, images_dir, size, cache_dir, pa
         if not arrs:
             raise UserError(f"none of the {len(ids)} images that {questions_path} asks about could be read from {images_dir}")
         os.makedirs(cache_dir, exist_ok=True)
-        np.save(cache[:-4] + ".tmp.npy", np.stack(arrs))
-        os.replace(cache[:-4] + ".tmp.npy", cache)
-        with open(meta, "w") as f:
-            json.dump({"kept": kept, "missing": missing}, f)
+        arr = np.stack(arrs)
+        write_atomic(cache, lambda f: np.save(f, arr))
+        write_json_atomic({"kept": kept, "missing": missing, "stamps": {str(i): st for i, st in stamps.items()}},
+                          meta, indent=None)
         images = np.load(cache, mmap_mode="r")
     row_of = {i: r for r, i in enumerate(kept)}
     rows = [dict(it, image=row_of[it["image_id"]]) for it in items if it["image_id"] in row_of]

@@ -19,6 +19,9 @@ import json
 import math
 import os
 import random
+import shutil
+import signal
+import sys
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -312,14 +315,53 @@ def _run_jobs(fn, jobs, bar, pool):
         yield r
 
 
-def build(out_dir, seed=0, scale=1.0, size=32, progress=True):
-    """Write the whole world into out_dir (see data/WORLD.md for the files)."""
+def _worker_init():
+    """Pool workers leave Ctrl-C to the main process (which terminates them): a worker dying of it mid-task
+    leaves the pool waiting forever for its result."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def build(out_dir, seed=0, scale=1.0, size=32, progress=None):
+    """Write the whole world into out_dir (see data/WORLD.md for the files). Built in a temp folder next to it and
+    moved into place only when complete (meta.json last), so Ctrl-C or SIGTERM leaves nothing half-written where
+    a later run would trust it. progress None: a bar only on a terminal."""
+    if not scale > 0 or size < 16:
+        raise ValueError("scale must be > 0 and size >= 16")
+    if progress is None:
+        progress = sys.stderr.isatty()
+    tmp = f"{os.path.normpath(out_dir)}.tmp{os.getpid()}"
+    old_term = signal.getsignal(signal.SIGTERM)
+    in_main = True
+    try:
+        signal.signal(signal.SIGTERM, _sigterm_as_interrupt)  # SIGTERM cleans up like Ctrl-C
+    except ValueError:  # not the main thread: signals stay as they are
+        in_main = False
+    try:
+        _build_into(tmp, seed, scale, size, progress)
+        os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(os.path.join(out_dir, "meta.json")):
+            os.remove(os.path.join(out_dir, "meta.json"))  # the old world is incomplete from here on
+        names = sorted(os.listdir(tmp), key=lambda n: n == "meta.json")  # meta.json last: the build is done
+        for name in names:
+            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+        os.rmdir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _build_into(out_dir, seed, scale, size, progress):
     from tqdm import tqdm
 
     from data.benchmarks import PARADIGMS, QA_TYPES, minimal_pairs, winoground
     from data.talk import NUM_WORDS, mentions_heldout, vocabulary
-    if not scale > 0 or size < 16:
-        raise ValueError("scale must be > 0 and size >= 16")
     os.makedirs(out_dir, exist_ok=True)
     counts = {name: _count(n, scale) for name, n in TEXT_COUNTS.items()}
     counts.update({name: _count(n, scale) for name, (n, _) in IMAGE_SPLITS.items()})
@@ -334,7 +376,16 @@ def build(out_dir, seed=0, scale=1.0, size=32, progress=True):
     pool = None
     if workers > 1 and sum(counts.values()) > 20000:
         import multiprocessing
-        pool = multiprocessing.get_context("spawn").Pool(workers)
+        main = sys.modules["__main__"]
+        # the workers need only this module: without __file__ they do not re-run the caller's script (a phase
+        # script imports torch, seconds per worker, during which Ctrl-C would kill them with a traceback)
+        script = main.__dict__.pop("__file__", None) if getattr(main, "__spec__", None) is None else None
+        try:
+            pool = multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init)
+        finally:
+            if script is not None:
+                main.__file__ = script
+    ok = False
     try:
         for split in TEXT_COUNTS:
             lines = [x for part in _run_jobs(_text_chunk, jobs(split), bar, pool) for x in part]
@@ -356,9 +407,10 @@ def build(out_dir, seed=0, scale=1.0, size=32, progress=True):
                 _write_lines(os.path.join(out_dir, f"{split}.jsonl"), [x for p in parts for x in p[2]])
             if split == "caption_val":
                 sheet = (images[:16], [json.loads(r)["captions"][0] for r in records[:16]])
+        ok = True
     finally:
-        if pool:
-            pool.close()
+        if pool:  # interrupted: stop the workers now rather than wait for their queued chunks
+            pool.close() if ok else pool.terminate()
             pool.join()
     bar.close()
 
@@ -380,21 +432,49 @@ def build(out_dir, seed=0, scale=1.0, size=32, progress=True):
         json.dump(meta, f, indent=1)
 
 
-def ensure_built(out_dir="data/world", seed=None, scale=None, size=None):
+def read_meta(out_dir):
+    """A world's meta.json, or None when there is none. A damaged one is an error, never a reason to rebuild:
+    the folder may hold the user's own files."""
+    from common import UserError
+    path = os.path.join(out_dir, "meta.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is damaged ({type(e).__name__}); delete the folder {out_dir} to rebuild the world, "
+                        "or pass another --world_dir") from None
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), t) for k, t in
+                                             (("format_version", int), ("seed", int), ("size", int),
+                                              ("scale", (int, float)), ("counts", dict))):
+        raise UserError(f"{path} is damaged (format_version/seed/scale/size/counts missing or of the wrong type); "
+                        f"delete the folder {out_dir} to rebuild the world, or pass another --world_dir")
+    return meta
+
+
+def ensure_built(out_dir="data/world", seed=None, scale=None, size=None, progress=None):
     """Build the world unless out_dir already holds one with these settings. Returns out_dir.
     A setting left as None accepts whatever the finished world in out_dir has (so a world built with
     `python -m data.world --scale 0.05` is used as it is); a missing world is built with the defaults
-    (seed 0, scale 1, size 32)."""
+    (seed 0, scale 1, size 32). A folder with other files but no meta.json (a partial world, or something
+    else), a damaged meta.json or a world with other settings is an error: never built over."""
+    from common import UserError, remove_stale_temps
+    folder, name = os.path.split(os.path.abspath(out_dir))
+    remove_stale_temps(folder, prefix=name + ".tmp")  # the temp folders of builds that were killed
+    meta = read_meta(out_dir)
     want = {"format_version": FORMAT_VERSION, "seed": seed, "scale": scale, "size": size}
-    try:
-        with open(os.path.join(out_dir, "meta.json")) as f:
-            meta = json.load(f)
-        if all(v is None or meta.get(k) == v for k, v in want.items()):
-            return out_dir
-    except (OSError, ValueError):
-        pass
+    if meta is not None:
+        diff = [f"{k} {meta.get(k)}" for k, v in want.items() if v is not None and meta.get(k) != v]
+        if diff:
+            raise UserError(f"{out_dir} holds a world with {', '.join(diff)}, not the one asked for; pass another "
+                            "--world_dir, or delete the folder to rebuild it")
+        return out_dir
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        raise UserError(f"{out_dir} has files but no meta.json: a partial world or another folder; delete it to "
+                        "build the world there, or pass another --world_dir")
     build(out_dir, seed=0 if seed is None else seed, scale=1.0 if scale is None else scale,
-          size=32 if size is None else size)
+          size=32 if size is None else size, progress=progress)
     return out_dir
 
 
@@ -409,7 +489,10 @@ def main(argv=None):
         p.error("--scale must be > 0")
     if args.size < 16:
         p.error("--size must be at least 16")
-    build(args.out, seed=args.seed, scale=args.scale, size=args.size)
+    try:
+        build(args.out, seed=args.seed, scale=args.scale, size=args.size)
+    except KeyboardInterrupt:
+        sys.exit(f"interrupted: nothing was written to {args.out}")
     print(f"world written to {args.out}")
 
 

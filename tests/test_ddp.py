@@ -116,7 +116,7 @@ def _world_worker(rank, tmp, results):
     from data import world as W
     real_build = W.build
 
-    def build(out_dir, seed, scale, size):  # note who builds; a tiny world instead of the default one
+    def build(out_dir, seed, scale, size, progress=None):  # note who builds; a tiny world instead of the default one
         results[f"built by {rank}"] = True
         real_build(out_dir, seed=seed, scale=0.03, size=size, progress=False)
 

@@ -266,7 +266,7 @@ def _phase2_checkpoint(world, out_dir):
 
 @pytest.mark.slow
 def test_script_end_to_end_and_resume(world, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(W, "ensure_built", lambda d: d)  # the tiny world is not the default build
+    monkeypatch.setattr(W, "ensure_built", lambda d, **kw: d)  # the tiny world is not the default build
     out = str(tmp_path / "out")
     base = ["--device", "cpu", "--out_dir", out, "--world_dir", world["dir"], "--batch_size", "8", "--eval_interval", "2",
             "--eval_batches", "1", "--n_test", "40", "--quiet"]

@@ -49,10 +49,10 @@ def test_missing_previous_checkpoint_names_the_command_to_run(tmp_path, world, p
         ("phase3_synth.py", ["--world_dir", world, "--out_dir", "out", *TINY_P3], d),
         ("phase1_text.py", ["--world_dir", world, "--out_dir", "out", "--resume", *TINY_P1], d),
         ("phase2_caption.py", ["--world_dir", world, "--out_dir", "out", "--resume", *TINY_P2], d),
-    ])
+    ], workers=1)  # one run per out dir
     assert_user_error(r2, "phase1/best.pt", "not found", "python phase1_text.py")
     assert_user_error(r3, "phase2/best.pt", "not found", "python phase2_caption.py")
-    assert_user_error(r1_resume, "phase1/last.pt", "python phase1_text.py")
+    assert_user_error(r1_resume, "phase1/last.pt", "not found", "--restart")  # best.pt is there: never "run it first"
     assert_user_error(r2_resume, "phase2/last.pt", "python phase2_caption.py")
     assert hashes(out_of(d)) == before
     assert not os.path.exists(out_of(empty, "phase2", "best.pt"))
@@ -65,6 +65,8 @@ def test_wrong_phase_or_damaged_checkpoint(world, pipeline, copy_run):
     b = copy_run(pipeline)  # "phase1/best.pt" is really a phase 2 checkpoint
     shutil.copy(out_of(b, "phase2", "best.pt"), out_of(b, "phase1", "best.pt"))
     c = copy_run(pipeline)  # phase1/best.pt cut off half way, as by a crash of a non-atomic writer
+    for x in (b, c):  # phase 2 runs there: no finished phase 2 run in the way
+        shutil.rmtree(out_of(x, "phase2"))
     p = out_of(c, "phase1", "best.pt")
     with open(p, "rb") as f:
         data = f.read()
@@ -94,7 +96,7 @@ def test_vocab_mismatch_between_checkpoint_and_tokenizer(world, phase1_dir, copy
     r2, r1 = run_many([
         ("phase2_caption.py", ["--world_dir", world, "--out_dir", "out", *TINY_P2], d),
         ("phase1_text.py", ["--world_dir", world, "--out_dir", "out", "--resume", *TINY_P1], d),
-    ])
+    ], workers=1)  # one run per out dir
     assert_user_error(r2, "vocab", "512", "300")
     assert_user_error(r1, "vocab", "512", "300")
     assert hashes(out_of(d)) == before
@@ -253,15 +255,16 @@ def test_malformed_json_and_jsonl_name_the_line(tmp_path, world, pipeline, copy_
                 '{"image": 1, "caption": "a big blue square .", "logprob": -0.7}\n'
                 '{"image": 2, "caption": "a small gre\n'
                 '{"image": 3, "caption": "two objects .", "logprob": -0.9}\n')
-    d = copy_run(pipeline)
-    before = hashes(out_of(d))
+    d, e = copy_run(pipeline), copy_run(pipeline)
+    shutil.rmtree(out_of(e, "phase2"))  # phase 2 runs there: no finished phase 2 run in the way
+    before = {x: hashes(out_of(x)) for x in (d, e)}
     r2, r3 = run_many([
-        ("phase2_caption.py", ["--coco_dir", coco, "--out_dir", "out", *TINY_P2], d),
+        ("phase2_caption.py", ["--coco_dir", coco, "--out_dir", "out", *TINY_P2], e),
         ("phase3_synth.py", ["--world_dir", world, "--out_dir", "out", "--synthetic", synth, *TINY_P3], d),
     ])
     assert_user_error(r2, "captions_train2017.json", "line 3", "malformed JSON")
     assert_user_error(r3, "bad.jsonl", "line 3", "malformed JSON")
-    assert hashes(out_of(d)) == before
+    assert {x: hashes(out_of(x)) for x in (d, e)} == before
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -320,11 +323,15 @@ def test_an_out_dir_keeps_its_tokenizer(world, phase1_dir, copy_run):
     from data.text import prepare_text
     d = copy_run(phase1_dir)
     other = os.path.join(d, "other_world")
-    os.symlink(world, other)  # the same files under another path: another source as far as the out_dir knows
+    shutil.copytree(world, other)  # another world (another seed): another corpus
+    with open(os.path.join(other, "meta.json")) as f:
+        meta = json.load(f)
+    with open(os.path.join(other, "meta.json"), "w") as f:
+        json.dump(dict(meta, seed=1), f)
     before = hashes(out_of(d))
     args = phase1_text.parse_args(["--world_dir", other, "--out_dir", out_of(d), *TINY_P1])
     run = SimpleNamespace(master=True, ddp=False)  # what prepare_text reads (setup() would reseed and set devices)
-    with pytest.raises(UserError, match="already holds a tokenizer"):
+    with pytest.raises(UserError, match="holds a tokenizer made from --world_dir .* not --world_dir .*other_world"):
         prepare_text(args.out_dir, args.data_dir, args.world_dir, args.vocab_size, args.seq_len, run)
     args = phase1_text.parse_args(["--world_dir", world, "--out_dir", out_of(d), "--vocab_size", "600", *TINY_P1])
     with pytest.raises(UserError, match="already holds a 512-piece tokenizer"):
@@ -349,7 +356,7 @@ def test_resume_mismatches(world, pipeline, copy_run):
         ("phase2_caption.py", ["--world_dir", world, "--out_dir", "out", "--resume", *TINY_P2, "--batch_size", "4"], d),
         # Muon's momentum cannot continue as AdamW moments (nor the other way round)
         ("phase2_caption.py", ["--world_dir", world, "--out_dir", "out", "--resume", *TINY_P2, "--muon_scale", "0"], d),
-    ])
+    ], workers=1)  # one run per out dir
     assert_ok(past)
     assert "resumed from" in past.stdout and f"step {P1_STEPS}" in past.stdout
     assert_user_error(seq, "phase1/last.pt", "with --seq_len 64", "resume the same way")
@@ -371,7 +378,7 @@ def test_phase3_bad_inputs(tmp_path, world, pipeline, copy_run):
         ("phase3_synth.py", ["--world_dir", world, "--out_dir", "out", *TINY_P3, "--max_caption_tokens", "500"], d),
         # nothing to resume: refused before the captioning (which used to write synthetic.jsonl first)
         ("phase3_synth.py", ["--world_dir", world, "--out_dir", "out", *TINY_P3, "--resume"], d),
-    ])
+    ], workers=1)  # one run per out dir
     assert_user_error(size, "16x16", "32x32", "resize")
     assert_user_error(long, "500 caption tokens", "max_seq_len", "--max_caption_tokens")
     assert_user_error(resume, "phase3/last.pt")
@@ -510,7 +517,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(world, phase1_d
     # a huge learning rate, no warmup: the first update blows the weights up, the next loss is NaN/inf
     r1, r2 = run_many([
         ("phase1_text.py", ["--world_dir", world, "--out_dir", "out", *TINY_P1, "--lr", "1e30", "--warmup", "0",
-                            "--eval_interval", "1"], d1),
+                            "--eval_interval", "1", "--restart"], d1),
         ("phase2_caption.py", ["--world_dir", world, "--out_dir", "out", *TINY_P2, "--lr_new", "1e30",
                                "--lr_decoder", "1e30", "--warmup", "0", "--eval_interval", "1"], d2),
     ])
