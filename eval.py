@@ -816,10 +816,8 @@ def draw_chart(results, path, width=900, height=480):
         dr.rectangle([lx, 42, lx + 14, 54], fill=color)
         dr.text((lx + 19, 40), label, fill="black", font=small)
         lx -= 12
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp.png"
-    img.save(tmp)
-    os.replace(tmp, path)
+    from common import write_atomic
+    write_atomic(path, lambda f: img.save(f, format="PNG"))
     return path
 
 

@@ -22,7 +22,8 @@ import torch
 from tqdm import tqdm
 
 from common import (UserError, Run, add_run_args, check_args, checkpoint_tokenizer, cleanup, cli, ensure_world, load_checkpoint,
-                    lr_at, make_optimizer, place, read_jsonl, set_lr, show_progress, to_device, wrap_model, write_json_atomic)
+                    lr_at, make_optimizer, place, read_jsonl, set_lr, show_progress, to_device, wrap_model, write_atomic,
+                    write_json_atomic)
 from data.images import load_image_array, load_world_split
 from data.text import text_of_phase1, tokenize_lines, val_loss
 from eval import caption_images, language_scores, sequence_logprobs
@@ -135,11 +136,7 @@ def filter_synthetic(rows, min_logprob, dedup):
 
 
 def write_synthetic(rows, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in rows), binary=False)
 
 
 def read_synthetic(path):

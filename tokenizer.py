@@ -9,7 +9,7 @@ import re
 
 import sentencepiece as spm
 
-from common import UserError
+from common import UserError, write_atomic
 
 PAD, UNK, BOS, EOS = 0, 1, 2, 3
 
@@ -38,10 +38,7 @@ def train_tokenizer(lines, model_path, vocab_size, max_lines=100_000):
             raise UserError(f"--vocab_size={vocab_size} is too small for this corpus: its 4 special pieces, 256 bytes "
                             f"and distinct characters need at least {need.group(1)}")
         raise
-    tmp = model_path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, model_path)
+    write_atomic(model_path, lambda f: f.write(buf.getvalue()))  # disk full or read-only: one line
     return load_tokenizer(model_path)
 
 
