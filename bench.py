@@ -253,14 +253,14 @@ def bench(args, cfg, run):
         trainers = [Trainer("ours", vlm, lambda: model_c(images, x, y)[1], run, False)]
         if plain is not None:
             trainers.append(Trainer("ours_plain", plain, lambda: plain(images, x, y)[1], run, False))
-        flops_step = B * vlm.flops_per_sample(T)
+        flops_step = B * common.flops_per_sample(vlm, T)
         res["images"] = f"{s}x{s}, {vlm.projector.num_tokens()} image tokens + {T} caption tokens"
     else:
         model_c = torch.compile(ours) if args.compile else ours
         trainers = [Trainer("ours", ours, lambda: model_c(x, y)[1], run, False)]
         if plain is not None:
             trainers.append(Trainer("ours_plain", plain, lambda: plain(x, y)[1], run, False))
-        flops_step = B * T * ours.flops_per_token(T)
+        flops_step = B * T * common.flops_per_token(ours, T)
 
     hf = None
     want_hf = not args.skip_hf and not is_vlm

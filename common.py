@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
 from types import SimpleNamespace
 
 import numpy as np
@@ -103,7 +104,7 @@ def setup(args):
         dist.init_process_group(backend="nccl" if dev.startswith("cuda") else "gloo")
     device_type = "cuda" if dev.startswith("cuda") else dev
     seed_everything(args.seed)
-    # bf16 autocast on GPU only: on CPU bf16 matmuls are ~100x slower than fp32 here
+    # bf16 autocast on GPU only: many CPUs have no fast bf16 matmul (docs/SPEED.md)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
     return SimpleNamespace(device=dev, device_type=device_type, ddp=ddp, rank=rank, world_size=world,
                            master=rank == 0, autocast=autocast, fast_cpu=not getattr(args, "no_fast_cpu", False))
@@ -205,7 +206,7 @@ def lr_at(step, max_lr, total_steps, warmup, min_lr_frac=0.1):
 def orthogonalize(G, steps=5):
     """Muon's quintic Newton-Schulz iteration: maps G = U S V^T (batched over leading dims) to roughly
     U V^T, every singular value pushed near 1, with matmuls only (Jordan et al. 2024). bf16 on GPU;
-    fp32 on CPU, where bf16 matmuls are ~100x slower."""
+    fp32 on CPU, where bf16 matmuls are slow unless the CPU has bf16 units (docs/SPEED.md)."""
     a, b, c = 3.4445, -4.7750, 2.0315
     X = G.bfloat16() if G.is_cuda else G.float()
     tall = X.size(-2) > X.size(-1)
@@ -482,10 +483,16 @@ def checkpoint_tokenizer(ckpt, path):
     return sp
 
 
+def config_dicts(model):
+    """(decoder_config, vit_config or None) of a Decoder or VLM, as plain dicts for a checkpoint."""
+    if hasattr(model, "vit"):
+        return asdict(model.decoder.cfg), asdict(model.vit.cfg)
+    return asdict(model.cfg), None
+
+
 def make_checkpoint(model, phase, tokenizer, step, val_loss, best_val, args, optimizer=None, gens=None, **extra):
     """Everything a later phase or a resume needs, as tensors and plain types only (so
     torch.load(weights_only=True) reads it). The optimizer and RNG go only into last.pt."""
-    from model import config_dicts
     d, v = config_dicts(model)
     obj = {"model": model.state_dict(), "decoder_config": d, "vit_config": v, "phase": phase,
            "tokenizer": tokenizer, "step": step, "val_loss": val_loss, "best_val": best_val, "args": vars(args)}
@@ -827,6 +834,37 @@ def peak_flops(run):
     if run.device_type == "cpu":
         return cpu_matmul_peak()
     return None
+
+
+def flops_per_token(decoder, seq_len):
+    """Training FLOPs per token of a Decoder (forward + backward), PaLM appendix B style:
+    6 * (matmul params, the LM head included) + 12 * L * d * T for attention scores and values."""
+    cfg = decoder.cfg
+    n_matmul = decoder.num_params(non_embedding=True)
+    if cfg.tie_embeddings:
+        n_matmul += decoder.tok_emb.weight.numel()  # tied head still costs a d x V matmul
+    return 6 * n_matmul + 12 * cfg.n_layer * cfg.d_model * seq_len
+
+
+def flops_per_image(vit):
+    """Training FLOPs of a ViT for one image: its blocks as above, plus the conv stem."""
+    T = vit.grid * vit.grid
+    n = sum(p.numel() for p in vit.blocks.parameters())
+    flops = T * (6 * n + 12 * vit.cfg.n_layer * vit.cfg.d_model * T)
+    side = vit.cfg.image_size
+    for m in vit.patch.modules():
+        if isinstance(m, torch.nn.Conv2d):  # 6 x weights x output positions
+            side //= m.stride[0]
+            flops += 6 * m.weight.numel() * side * side
+    return flops
+
+
+def flops_per_sample(vlm, text_len):
+    """Training FLOPs of a VLM for one image + text_len tokens (ViT + projector + decoder)."""
+    P = vlm.projector.num_tokens()
+    proj = 6 * P * sum(p.numel() for p in vlm.projector.parameters())
+    head = 6 * vlm.decoder.cfg.d_model * vlm.decoder.cfg.vocab_size  # image positions get no logits
+    return flops_per_image(vlm.vit) + proj + (P + text_len) * flops_per_token(vlm.decoder, P + text_len) - P * head
 
 
 class Meter:

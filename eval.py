@@ -143,7 +143,7 @@ def caption_scores(captions, scenes):
     safe platitude like "there are no orange crosses ." does not count) and complete (also states the
     number of objects and names them all). Judged by the world's own parser, independent of the
     caption generator."""
-    from data.world import caption_quality
+    from data.judge import caption_quality
     q = [caption_quality(s, c) for c, s in zip(captions, scenes)]
     if not q:
         return {"correct": float("nan"), "exact": float("nan"), "complete": float("nan")}
@@ -238,7 +238,7 @@ def bleu4(hyps, refs_list):
 # ---- VQA
 
 def normalize_answer(s):
-    from data.world import normalize_answer as world_norm
+    from data.judge import normalize_answer as world_norm
     return world_norm(s)
 
 

@@ -1,16 +1,14 @@
 """
 The model, in one file, in the order a reader learns it:
-
   RMSNorm -> rotary embeddings (RoPE) -> Attention -> SwiGLU MLP -> Block -> init_weights
   -> Decoder (a LLaMA-style language model) -> KVCache and generate (prefill, then decode)
   -> ViT (a small vision transformer) -> Projector -> VLM (image tokens as the decoder's prefix)
-
 Plain PyTorch: nn.Linear, one F.scaled_dot_product_attention call, F.cross_entropy. The optional CPU
 speed path lives in fast_cpu.py and swaps modules of a model built here; nothing here depends on it.
 Shapes: B batch, T time (tokens), P image-prefix tokens, D model width, H heads, hd head dim, V vocab.
 """
 import math
-from dataclasses import dataclass, asdict
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -160,22 +158,12 @@ class Decoder(nn.Module):
         if cfg.tie_embeddings:
             self.head.weight = self.tok_emb.weight  # one matrix for reading and writing tokens
         cos, sin = rope_tables(cfg.d_model // cfg.n_head, cfg.max_seq_len, cfg.rope_theta)
-        # non-persistent: recomputed from the config, never stored in checkpoints
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_cos", cos, persistent=False)  # non-persistent: rebuilt from the config,
+        self.register_buffer("rope_sin", sin, persistent=False)  # never stored in checkpoints
 
     def num_params(self, non_embedding=True):
         n = sum(p.numel() for p in self.parameters())
         return n - self.tok_emb.weight.numel() if non_embedding else n
-
-    def flops_per_token(self, seq_len):
-        """Training FLOPs per token (forward + backward), PaLM appendix B style:
-        6 * (matmul params, the LM head included) + 12 * L * d * T for attention scores and values."""
-        cfg = self.cfg
-        n_matmul = self.num_params(non_embedding=True)
-        if cfg.tie_embeddings:
-            n_matmul += self.tok_emb.weight.numel()  # tied head still costs a d x V matmul
-        return 6 * n_matmul + 12 * cfg.n_layer * cfg.d_model * seq_len
 
     def trunk(self, x, positions, mask=None, cache=None):
         """The blocks, run over embeddings x (B, S, D) at the given positions ((S,) shared by the batch,
@@ -195,11 +183,9 @@ class Decoder(nn.Module):
             cache.pos += x.size(1)  # every layer has written these positions
         return x
 
-    def forward(self, idx, targets=None, prefix=None, positions=None, cache=None):
-        """idx: (B, T) token ids. prefix: optional (B, P, D) embeddings placed before the tokens (image
-        tokens); they get no logits and so never carry loss. targets: (B, T), the next token of each
-        position, -1 where no loss is wanted (prompts, padding).
-        Returns (logits of the last position, None) without targets, (None, mean loss) with them."""
+    def hidden(self, idx, prefix=None, positions=None, cache=None):
+        """The trunk, from token ids (B, T) to final hidden states (B, T, D): embed, put the prefix
+        (B, P, D) embeddings (image tokens) in front, run the blocks, drop the prefix, normalise."""
         x = self.tok_emb(idx)  # (B, T, D)
         if prefix is not None:
             x = torch.cat([prefix.to(x.dtype), x], dim=1)  # (B, P+T, D)
@@ -208,8 +194,13 @@ class Decoder(nn.Module):
             positions = torch.arange(start, start + x.size(1), device=x.device)
         x = self.trunk(x, positions, cache=cache)
         if prefix is not None:
-            x = x[:, prefix.size(1):]  # (B, T, D): only token positions predict tokens
-        x = self.norm(x)
+            x = x[:, prefix.size(1):]  # (B, T, D): image positions predict nothing, so never carry loss
+        return self.norm(x)
+
+    def forward(self, idx, targets=None, prefix=None, positions=None, cache=None):
+        """targets: (B, T), the next token of each position, -1 where no loss is wanted (prompts, padding).
+        Returns (logits of the last position, None) without targets, (None, mean loss) with them."""
+        x = self.hidden(idx, prefix, positions, cache)
         if targets is None:
             return self.head(x[:, -1:]).float(), None  # inference: only the last position is needed
         return None, self.head_loss(x, targets)
@@ -221,13 +212,7 @@ class Decoder(nn.Module):
 
     def all_logits(self, idx, prefix=None):
         """Logits at every token position (B, T, V), for scoring sentences; no loss."""
-        x = self.tok_emb(idx)
-        if prefix is not None:
-            x = torch.cat([prefix.to(x.dtype), x], dim=1)
-        x = self.trunk(x, torch.arange(x.size(1), device=x.device))
-        if prefix is not None:
-            x = x[:, prefix.size(1):]
-        return self.head(self.norm(x)).float()
+        return self.head(self.hidden(idx, prefix)).float()
 
     @torch.no_grad()
     def generate(self, prompts, max_new_tokens, temperature=0.0, top_k=None, eos_id=None,
@@ -244,10 +229,8 @@ class Decoder(nn.Module):
         device = self.tok_emb.weight.device
         B, P = len(prompts), (0 if prefix is None else prefix.size(1))
         lens = torch.tensor([len(p) for p in prompts], device=device)
-        if int(lens.min()) < 1 and prefix is None:
-            raise ValueError("every prompt needs at least one token (e.g. BOS) when there is no prefix")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 0")
+        if (int(lens.min()) < 1 and prefix is None) or max_new_tokens < 0:
+            raise ValueError("every prompt needs a token (e.g. BOS) when there is no prefix, and max_new_tokens >= 0")
         L = int(lens.max())
         S0, total = P + L, P + L + max_new_tokens  # columns before the first new token; all columns
         if total > self.cfg.max_seq_len:
@@ -331,8 +314,7 @@ def sample(logits, temperature=0.0, top_k=None, generator=None):
     if top_k is not None and 0 < top_k < logits.size(-1):  # 0 (or None) = no cut
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator).squeeze(-1)
 
 
 # -----------------------------------------------------------------------------
@@ -375,10 +357,9 @@ class ViT(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         init_weights(self, cfg.n_layer)
         if cfg.conv_stem:
-            # "early convolutions help transformers see" (Xiao et al. 2021): log2(patch) stride-2 3x3
-            # convs reach the same patch grid but see local edges first, far more sample-efficient than
-            # a linear patchify on a few thousand images. A GroupNorm between the convs matters as much
-            # (BatchNorm's batch statistics would differ between training, generation and DDP ranks).
+            # "early convolutions help transformers see" (Xiao et al. 2021): log2(patch) stride-2 3x3 convs
+            # see local edges first, far more sample-efficient than a linear patchify on a few thousand
+            # images; a GroupNorm between them matters as much (BatchNorm would differ across DDP ranks)
             n = int(math.log2(cfg.patch_size))
             assert 2 ** n == cfg.patch_size, "conv_stem needs a power-of-two patch_size"
             layers, ch = [], 3
@@ -405,17 +386,6 @@ class ViT(nn.Module):
         for block in self.blocks:
             x = block(x)  # bidirectional: every patch sees every patch
         return self.norm(x)
-
-    def flops_per_image(self):
-        T = self.grid * self.grid
-        n = sum(p.numel() for p in self.blocks.parameters())
-        flops = T * (6 * n + 12 * self.cfg.n_layer * self.cfg.d_model * T)
-        side = self.cfg.image_size
-        for m in self.patch.modules():
-            if isinstance(m, nn.Conv2d):  # 6 x weights x output positions
-                side //= m.stride[0]
-                flops += 6 * m.weight.numel() * side * side
-        return flops
 
 
 class Projector(nn.Module):
@@ -466,14 +436,6 @@ class VLM(nn.Module):
         """Caption or answer for a batch of images: the image prefix is prefilled once into the cache."""
         return self.decoder.generate(prompts, max_new_tokens, prefix=self.encode_images(images), **kw)
 
-    def flops_per_sample(self, text_len):
-        """Training FLOPs for one image + text_len tokens (ViT + projector + decoder)."""
-        P = self.projector.num_tokens()
-        proj = 6 * P * sum(p.numel() for p in self.projector.parameters())
-        head = 6 * self.decoder.cfg.d_model * self.decoder.cfg.vocab_size  # image positions get no logits
-        return (self.vit.flops_per_image() + proj + (P + text_len) * self.decoder.flops_per_token(P + text_len)
-                - P * head)
-
 
 # -----------------------------------------------------------------------------
 # Checkpoints store plain dicts: rebuild the model from them
@@ -486,10 +448,3 @@ def build_model(ckpt, load=True):
     if load:
         model.load_state_dict(ckpt["model"])
     return model
-
-
-def config_dicts(model):
-    """(decoder_config, vit_config or None) as plain dicts for saving."""
-    if isinstance(model, VLM):
-        return asdict(model.decoder.cfg), asdict(model.vit.cfg)
-    return asdict(model.cfg), None

@@ -15,8 +15,8 @@ import argparse
 
 import torch
 
-from common import (UserError, Run, add_run_args, check_args, check_vocab, cleanup, cli, grad_sync, lr_at, make_optimizer, place,
-                    set_lr, wrap_model)
+from common import (UserError, Run, add_run_args, check_args, check_vocab, cleanup, cli, flops_per_token, grad_sync,
+                    lr_at, make_optimizer, place, set_lr, wrap_model)
 from data.text import get_batch, prepare_text, unigram_entropy, val_loss
 from model import Decoder, DecoderConfig
 
@@ -84,7 +84,7 @@ def main(argv=None):
     optimizer = make_optimizer([(model.named_parameters(), args.lr)], args.weight_decay, (0.9, 0.95), run.device_type)
     run.start(model, optimizer, tok_path, ckpt)
     dmodel = wrap_model(model, run, args.compile)  # torch.compile and/or DDP; `model` stays the plain one
-    flops_per_step = model.flops_per_token(args.seq_len) * args.seq_len * args.batch_size * args.grad_accum / run.world_size
+    flops_per_step = flops_per_token(model, args.seq_len) * args.seq_len * args.batch_size * args.grad_accum / run.world_size
     run.log(f"device {run.device} x{run.world_size} | {model.num_params() / 1e6:.2f}M non-embedding params | "
             f"vocab {vocab} | {len(train):,} train tokens | unigram entropy {H_unigram:.3f} nats/token")
 

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from common import (UserError, Run, add_run_args, all_reduce_mean, check_args, checkpoint_tokenizer, cleanup, cli,
-                    ensure_world, grad_sync, load_checkpoint, lr_at, make_optimizer, place, set_lr, to_device, wrap_model, write_json_atomic)
+                    ensure_world, flops_per_sample, grad_sync, load_checkpoint, lr_at, make_optimizer, place, set_lr,
+                    to_device, wrap_model, write_json_atomic)
 from data.images import load_coco, load_world_split, split_indices
 from data.text import replay_step, text_of_phase1
 from eval import caption_images, caption_report
@@ -205,7 +206,7 @@ def main(argv=None):
     text_every = round(1 / args.text_frac) if args.text_frac > 0 and not args.freeze_decoder else 0
     if text_every:
         text_train, _ = text_of_phase1(prev, args.out_dir, run)
-    flops_per_image = model.flops_per_sample(float(np.mean([len(c[0]) for c in train.captions[:1000]])))
+    flops_per_image = flops_per_sample(model, float(np.mean([len(c[0]) for c in train.captions[:1000]])))
     n_vit = sum(p.numel() for p in model.vit.parameters()) + sum(p.numel() for p in model.projector.parameters())
     run.log(f"device {run.device} x{run.world_size} | {len(train.captions):,} train images of {image_size}px | "
             f"{P} image tokens | ViT+projector {n_vit / 1e6:.2f}M params (new) | decoder "

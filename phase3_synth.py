@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (UserError, Run, add_run_args, check_args, checkpoint_tokenizer, cleanup, cli, ensure_world, load_checkpoint,
-                    lr_at, make_optimizer, place, read_jsonl, set_lr, show_progress, to_device, wrap_model, write_atomic,
-                    write_json_atomic)
+from common import (UserError, Run, add_run_args, check_args, checkpoint_tokenizer, cleanup, cli, ensure_world,
+                    flops_per_token, load_checkpoint, lr_at, make_optimizer, place, read_jsonl, set_lr, show_progress,
+                    to_device, wrap_model, write_atomic, write_json_atomic)
 from data.images import load_image_array, load_world_split
 from data.text import text_of_phase1, tokenize_lines, val_loss
 from eval import caption_images, language_scores, sequence_logprobs
@@ -235,7 +235,7 @@ def main(argv=None):
     optimizer = make_optimizer([(decoder.named_parameters(), args.lr)], args.weight_decay, (0.9, 0.95), run.device_type)
     run.start(model, optimizer, prev["tokenizer"], ckpt, parent=init_path)
     ddecoder = wrap_model(decoder, run, args.compile)
-    flops_per_step = decoder.flops_per_token(args.seq_len) * args.seq_len * args.batch_size / run.world_size
+    flops_per_step = flops_per_token(decoder, args.seq_len) * args.seq_len * args.batch_size / run.world_size
     model.train()
     while True:
         if run.eval_due(args.eval_interval, args.max_steps):  # best.pt: lowest loss on real held-out text

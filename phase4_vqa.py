@@ -28,7 +28,8 @@ import numpy as np
 import torch
 
 from common import (UserError, Run, add_run_args, all_reduce_mean, check_args, checkpoint_tokenizer, cleanup, cli,
-                    ensure_world, load_checkpoint, lr_at, make_optimizer, place, set_lr, to_device, wrap_model, write_json_atomic)
+                    ensure_world, flops_per_sample, load_checkpoint, lr_at, make_optimizer, place, set_lr, to_device,
+                    wrap_model, write_json_atomic)
 from data.images import split_indices
 from data.text import replay_step, text_of_phase1
 from data.vqa import answers_by_type, load_vqav2, load_world_vqa, split_by_image
@@ -207,7 +208,7 @@ def main(argv=None):
                              run_first="python phase1_text.py` (phase 4 replays its text), or pass `--text_frac 0")
         text_train, _ = text_of_phase1(p1, args.out_dir, run)
     mean_len = float(np.mean([len(p) + len(a) for p, a in zip(train.prompts[:2000], train.answers[:2000])]))
-    flops_per_sample = model.flops_per_sample(mean_len)
+    flops_per_sample = flops_per_sample(model, mean_len)
     types = ", ".join(f"{t} {len(a)}" for t, a in sorted(ranked.items()))
     run.log(f"device {run.device} x{run.world_size} | {len(train.rows):,} train questions on {len(set(train.image)):,} "
             f"images | {len(val.rows):,} val | {P} image tokens | from {src_path} | answers per type: {types}")

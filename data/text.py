@@ -20,7 +20,7 @@ import sys
 import numpy as np
 import torch
 
-from common import UserError, all_reduce_mean, to_device
+from common import UserError, all_reduce_mean, flops_per_token, to_device
 from tokenizer import BOS, EOS, load_tokenizer, train_tokenizer
 
 # CHILDES '*CHI:' / '*PAR1:' / '*A:' speaker tags and '%com:' comment tiers, switchboard 'A:\t' turns
@@ -311,4 +311,4 @@ def replay_step(decoder, stream, batch_size, gen, run):
             if p.grad is not None:
                 dist.all_reduce(p.grad)
                 p.grad.div_(run.world_size)
-    return loss.detach(), dict(tokens=x.numel(), flops=decoder.flops_per_token(x.size(1)) * x.numel())
+    return loss.detach(), dict(tokens=x.numel(), flops=flops_per_token(decoder, x.size(1)) * x.numel())
