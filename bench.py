@@ -10,7 +10,6 @@ trained and asked to generate in the same process, interleaved with ours, and th
   python bench.py --config tiny --steps 2 --skip_hf --json out.json   # seconds; used by the tests
 """
 import argparse
-import copy
 import json
 import resource
 import statistics
@@ -21,7 +20,6 @@ import torch
 import torch.nn.functional as F
 
 import common
-import fast_cpu
 from common import UserError, check_range, cli, cpu_matmul_peak, make_optimizer, peak_flops, setup
 from model import VLM, Decoder, DecoderConfig, ViTConfig, swiglu_hidden
 
@@ -61,11 +59,6 @@ def parse_args(argv=None):
     p.add_argument("--seq_len", type=int, default=None, help="training sequence length (caption length for vlm)")
     p.add_argument("--skip_hf", action="store_true", help="do not compare with transformers' Llama")
     p.add_argument("--skip_gen", action="store_true", help="training only")
-    p.add_argument("--plain_too", action="store_true",
-                   help="CPU: also time model.py's plain path (fast_cpu.py off) on a copy of our model, "
-                        "interleaved with the others, in training and generation")
-    p.add_argument("--gemm", action="store_true",
-                   help="CPU: only time the config's matmul shapes, torch's default F.linear vs fast_cpu.Linear's oneDNN op")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
@@ -227,11 +220,11 @@ def bench(args, cfg, run):
     B, T, V = cfg["batch"], cfg["seq_len"], cfg["vocab_size"]
     dcfg = decoder_config(cfg)
     if is_vlm:
-        vlm = common.place(VLM(dcfg, ViTConfig(**cfg["vit"])), run)  # fast_cpu.py's path on CPU
+        vlm = VLM(dcfg, ViTConfig(**cfg["vit"])).to(dev)
         ours = vlm.decoder
     else:
         vlm = None
-        ours = common.place(Decoder(dcfg), run)
+        ours = Decoder(dcfg).to(dev)
     top = vlm if is_vlm else ours
     peak = peak_flops(run)
     peak_label = ("GPU bf16 data-sheet peak" if run.device_type == "cuda"
@@ -245,21 +238,16 @@ def bench(args, cfg, run):
     g = torch.Generator().manual_seed(args.seed)
     tokens = torch.randint(0, V, (B, T + 1), generator=g)
     x, y = tokens[:, :-1].contiguous().to(dev), tokens[:, 1:].contiguous().to(dev)
-    plain = fast_cpu.revert(copy.deepcopy(top)) if args.plain_too else None  # same initial weights
     if is_vlm:
         s = cfg["vit"]["image_size"]
         images = torch.randint(0, 256, (B, s, s, 3), dtype=torch.uint8, generator=g).to(dev)
         model_c = torch.compile(vlm) if args.compile else vlm
         trainers = [Trainer("ours", vlm, lambda: model_c(images, x, y)[1], run, False)]
-        if plain is not None:
-            trainers.append(Trainer("ours_plain", plain, lambda: plain(images, x, y)[1], run, False))
         flops_step = B * common.flops_per_sample(vlm, T)
         res["images"] = f"{s}x{s}, {vlm.projector.num_tokens()} image tokens + {T} caption tokens"
     else:
         model_c = torch.compile(ours) if args.compile else ours
         trainers = [Trainer("ours", ours, lambda: model_c(x, y)[1], run, False)]
-        if plain is not None:
-            trainers.append(Trainer("ours_plain", plain, lambda: plain(x, y)[1], run, False))
         flops_step = B * T * common.flops_per_token(ours, T)
 
     hf = None
@@ -295,8 +283,7 @@ def bench(args, cfg, run):
         res["peak_mem_label"] = "torch.cuda.max_memory_allocated, training step"
     else:
         res["peak_mem_mib"] = max_rss_mib()
-        res["peak_mem_label"] = ("process max RSS (resource.getrusage) after our training warmup, before any HF step"
-                                 + (" (--plain_too: with the copy's weights)" if args.plain_too else ""))
+        res["peak_mem_label"] = "process max RSS (resource.getrusage) after our training warmup, before any HF step"
 
     for tr in trainers[1:]:
         peaks[tr.name] = warmup(tr, cfg["warmup"], run)
@@ -318,13 +305,10 @@ def bench(args, cfg, run):
         # same weights, data, optimizer and step count: the losses agree (to fp rounding) or the
         # comparison is not like for like
         res["train_loss_diff"] = abs(res["train_ours"]["loss"] - res["train_hf"]["loss"])
-    if plain is not None:  # same weights, data and optimizer: the losses agree to float rounding
-        res["fast_cpu_train_speedup"] = res["train_ours"]["tok_s"] / res["train_ours_plain"]["tok_s"]
-        res["fast_cpu_loss_diff"] = abs(res["train_ours"]["loss"] - res["train_ours_plain"]["loss"])
     for tr in trainers:  # free optimizer state before generation
         tr.opt = None
     if not args.skip_gen:
-        res["gen"] = bench_generation(cfg, ours, vlm, hf, run, args.seed, plain)
+        res["gen"] = bench_generation(cfg, ours, vlm, hf, run, args.seed)
     return res
 
 
@@ -346,7 +330,7 @@ def logits_diff(ours, hf, idx, run):
 
 
 @torch.no_grad()
-def bench_generation(cfg, ours, vlm, hf, run, seed, plain=None):
+def bench_generation(cfg, ours, vlm, hf, run, seed):
     """Greedy generation of exactly gen_tokens new tokens per row (no EOS) from prompt_len-token
     prompts, ours with and without the KV cache and HF generate, timed alternately; median of reps."""
     ours.eval()
@@ -370,10 +354,6 @@ def bench_generation(cfg, ours, vlm, hf, run, seed, plain=None):
                 return ours.generate(prompt_lists, n_new, use_cache=use_cache)
 
         fns = {"cached": lambda: ours_gen(True), "uncached": lambda: ours_gen(False)}
-        if plain is not None:  # model.py's plain path, with the KV cache
-            plain.eval()
-            fns["plain_cached"] = ((lambda: plain.generate(images, prompt_lists, n_new)) if vlm is not None
-                                   else (lambda: plain.generate(prompt_lists, n_new)))
         if hf is not None:
             ids = prompts.to(run.device)
             attn = torch.ones_like(ids)
@@ -404,8 +384,6 @@ def bench_generation(cfg, ours, vlm, hf, run, seed, plain=None):
                 raise RuntimeError(f"our {k} generation made {lens} tokens per row, expected {n_new}")
         same = torch.tensor(outputs["cached"]) == torch.tensor(outputs["uncached"])
         r["cached_vs_uncached_match"] = float(same.float().mean())
-        if plain is not None:
-            r["fast_cpu_gen_speedup"] = r["cached_tok_s"] / r["plain_cached_tok_s"]
         if hf is not None:
             hf_new = outputs["hf"][:, P:].cpu()
             if hf_new.shape != (Bg, n_new):
@@ -414,48 +392,6 @@ def bench_generation(cfg, ours, vlm, hf, run, seed, plain=None):
             r["ratio_cached_vs_hf"] = r["cached_tok_s"] / r["hf_tok_s"]
         out["by_batch"][str(Bg)] = r
     return out
-
-
-def bench_gemms(cfg, reps=10):
-    """Why fast_cpu.Linear exists: every matmul shape of the config's decoder, at the training batch
-    (batch*seq rows) and at a batch-64 decoding step, as F.linear (MKL on CPU, torch's default) and as
-    the oneDNN op fast_cpu.Linear calls, interleaved, median of `reps`. Forward is (N, in) @ W.T; the
-    input gradient is (N, out) @ W, written as a linear layer with weight W.T."""
-    import fast_cpu
-    if not fast_cpu.ONEDNN:
-        raise UserError("this torch build has no usable oneDNN linear op: fast_cpu.Linear is plain F.linear here")
-    D, V, Hf = cfg["d_model"], cfg["vocab_size"], swiglu_hidden(cfg["d_model"])
-    layers = [("qkv", D, 3 * D), ("attn out", D, D), ("gate+up", D, 2 * Hf), ("down", Hf, D), ("head", D, V)]
-    rows = []
-    for n in (cfg["batch"] * cfg["seq_len"], 64):
-        for name, d_in, d_out in layers:
-            w = torch.randn(d_out, d_in)
-            for what, x, wt in (("forward", torch.randn(n, d_in), w),
-                                ("input grad", torch.randn(n, d_out), w.t().contiguous())):
-                fns = {"mkl": lambda: F.linear(x, wt), "onednn": lambda: fast_cpu.onednn_linear(x, wt)}
-                times = {k: [] for k in fns}
-                for rep in range(reps + 3):
-                    for k, fn in fns.items():
-                        t0 = time.perf_counter()
-                        fn()
-                        if rep >= 3:  # the first 3 are warm-up
-                            times[k].append(time.perf_counter() - t0)
-                gf = {k: 2 * n * d_in * d_out / statistics.median(v) / 1e9 for k, v in times.items()}
-                rows.append(dict(layer=name, rows=n, d_in=wt.size(1), d_out=wt.size(0), what=what,
-                                 mkl_gflops=gf["mkl"], onednn_gflops=gf["onednn"]))
-    print(f"{'layer':<9} {'what':<10} {'(rows x in) @ (in x out)':>26} {'MKL GFLOP/s':>12} {'oneDNN':>8} {'ratio':>6}")
-    for r in rows:
-        shape = f"({r['rows']} x {r['d_in']}) @ ({r['d_in']} x {r['d_out']})"
-        print(f"{r['layer']:<9} {r['what']:<10} {shape:>26} {r['mkl_gflops']:>12.0f} {r['onednn_gflops']:>8.0f} "
-              f"{r['onednn_gflops'] / r['mkl_gflops']:>5.2f}x")
-    return rows
-
-
-# -----------------------------------------------------------------------------
-# Report
-
-def fmt_num(v, digits=0):
-    return "-" if v is None else f"{v:,.{digits}f}"
 
 
 def print_table(res):
@@ -482,18 +418,12 @@ def print_table(res):
                               + (f" | MFU {100 * h['mfu']:.1f}%" if h["mfu"] is not None else ""))
         add("train ours / HF", f"{res['train_ratio']:.2f}x  (loss after {tr['steps_timed'] + res['warmup']} steps: "
                                f"ours {tr['loss']:.6f}, HF {h['loss']:.6f})")
-    if "train_ours_plain" in res:
-        pl = res["train_ours_plain"]
-        add("train ours, plain model.py", f"{fmt_num(pl['tok_s'])} tok/s | {pl['ms_step']:.1f} ms/step  (fast_cpu.py "
-                                          f"{res['fast_cpu_train_speedup']:.2f}x faster; loss {pl['loss']:.6f})")
     if "gen" in res:
         gen = res["gen"]
         for Bg, r in gen["by_batch"].items():
             s = (f"cached {fmt_num(r['cached_tok_s'])} | uncached {fmt_num(r['uncached_tok_s'])}")
             if "hf_tok_s" in r:
                 s += f" | HF {fmt_num(r['hf_tok_s'])} | ours/HF {r['ratio_cached_vs_hf']:.2f}x"
-            if "plain_cached_tok_s" in r:
-                s += f" | plain model.py {fmt_num(r['plain_cached_tok_s'])} (fast_cpu.py {r['fast_cpu_gen_speedup']:.2f}x)"
             add(f"gen B={Bg} new tok/s", s)
             m = f"cached == uncached {100 * r['cached_vs_uncached_match']:.0f}%"
             if "ours_vs_hf_match" in r:
@@ -518,15 +448,8 @@ def main():
         cpu_matmul_peak()  # measure the CPU's peak before anything else loads the machine
     if args.compile and run.device_type != "cuda":
         print("note: --compile on CPU is allowed but rarely faster here", file=sys.stderr)
-    if args.plain_too and (run.device_type != "cpu" or args.compile):
-        raise UserError("--plain_too compares fast_cpu.py's eager CPU path with model.py's: use --device cpu and no --compile")
-    if args.gemm:
-        if run.device_type != "cpu":
-            raise UserError("--gemm compares CPU matmul libraries: run it with --device cpu")
-        res = {"config": args.config, "gemm": bench_gemms(cfg)}
-    else:
-        res = bench(args, cfg, run)
-        print_table(res)
+    res = bench(args, cfg, run)
+    print_table(res)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=2)

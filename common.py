@@ -51,7 +51,6 @@ def add_run_args(p, phase):
     p.add_argument("--restart", action="store_true",
                    help=f"start over although {phase}/ holds a run: it is first moved aside to {phase}.old-<time>")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--no_fast_cpu", action="store_true", help="plain model.py on CPU too (fast_cpu.py off)")
 
 
 def check_range(name, value, lo=None, hi=None, lo_open=False):
@@ -107,7 +106,7 @@ def setup(args):
     # bf16 autocast on GPU only: many CPUs have no fast bf16 matmul (docs/SPEED.md)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device_type == "cuda" else nullcontext()
     return SimpleNamespace(device=dev, device_type=device_type, ddp=ddp, rank=rank, world_size=world,
-                           master=rank == 0, autocast=autocast, fast_cpu=not getattr(args, "no_fast_cpu", False))
+                           master=rank == 0, autocast=autocast)
 
 
 def seed_everything(seed):
@@ -178,16 +177,6 @@ def grad_sync(dmodel, run, on):
     the no_sync() context, so the training step reads the same with or without DDP."""
     if run.ddp:
         dmodel.require_backward_grad_sync = on
-
-
-def place(model, run):
-    """Move a freshly built model to the run's device; on CPU, switch on fast_cpu.py's speed path unless
-    --no_fast_cpu (same numbers' meaning, other kernels: see fast_cpu.py)."""
-    model.to(run.device)
-    if run.device_type == "cpu" and getattr(run, "fast_cpu", True):
-        import fast_cpu
-        fast_cpu.convert(model)
-    return model
 
 
 # -----------------------------------------------------------------------------

@@ -517,7 +517,6 @@ def parse_args(argv=None):
                    "fastest on a CPU that other jobs keep busy")
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--quiet", action="store_true", help="only the tables")
-    p.add_argument("--no_fast_cpu", action="store_true", help="plain model.py on CPU too (fast_cpu.py off)")
     args = p.parse_args(argv)
     from common import check_range
     for name in ("blimp_max_per_paradigm", "n_caption", "n_vqa", "n_wino", "n_text", "n_coco", "threads"):
@@ -839,14 +838,14 @@ def stale_parent(ckpt, path):
 def main(argv=None):
     import time
     from types import SimpleNamespace
-    from common import checkpoint_tokenizer, load_checkpoint, place, setup
+    from common import checkpoint_tokenizer, load_checkpoint, setup
     from model import build_model
     args = parse_args(argv)
     log = (lambda *a: None) if args.quiet else print
     ckpts = find_checkpoints(args)
     from common import check_writable
     check_writable(os.path.dirname(os.path.abspath(args.json)))  # before minutes of evaluation, not after
-    run = setup(SimpleNamespace(device=args.device, seed=args.seed, no_fast_cpu=args.no_fast_cpu))
+    run = setup(SimpleNamespace(device=args.device, seed=args.seed))
     if args.threads:
         torch.set_num_threads(args.threads)
     t_all = time.perf_counter()
@@ -858,7 +857,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         ckpt = load_checkpoint(path)
         sp = checkpoint_tokenizer(ckpt, path)
-        model = place(build_model(ckpt), run).eval()
+        model = build_model(ckpt).to(run.device).eval()
         del ckpt["model"]
         log(f"{name}: {path} ({ckpt.get('phase')}, step {ckpt.get('step')}, "
             f"{'vision + language' if isinstance(model, VLM) else 'text only'})")

@@ -3,8 +3,8 @@ The model, in one file, in the order a reader learns it:
   RMSNorm -> rotary embeddings (RoPE) -> Attention -> SwiGLU MLP -> Block -> init_weights
   -> Decoder (a LLaMA-style language model) -> KVCache and generate (prefill, then decode)
   -> ViT (a small vision transformer) -> Projector -> VLM (image tokens as the decoder's prefix)
-Plain PyTorch: nn.Linear, one F.scaled_dot_product_attention call, F.cross_entropy. The optional CPU
-speed path lives in fast_cpu.py and swaps modules of a model built here; nothing here depends on it.
+Plain PyTorch: nn.Linear, one F.scaled_dot_product_attention call, F.cross_entropy (the CPU speed
+machinery this file once held measured no faster here: docs/SPEED.md).
 Shapes: B batch, T time (tokens), P image-prefix tokens, D model width, H heads, hd head dim, V vocab.
 """
 import math

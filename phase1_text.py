@@ -16,7 +16,7 @@ import argparse
 import torch
 
 from common import (UserError, Run, add_run_args, check_args, check_vocab, cleanup, cli, flops_per_token, grad_sync,
-                    lr_at, make_optimizer, place, set_lr, wrap_model)
+                    lr_at, make_optimizer, set_lr, wrap_model)
 from data.text import get_batch, prepare_text, unigram_entropy, val_loss
 from model import Decoder, DecoderConfig
 
@@ -80,7 +80,7 @@ def main(argv=None):
     else:
         cfg = DecoderConfig(vocab_size=vocab, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
                             max_seq_len=args.seq_len, tie_embeddings=not args.untied)
-    model = place(Decoder(cfg), run)
+    model = Decoder(cfg).to(run.device)
     optimizer = make_optimizer([(model.named_parameters(), args.lr)], args.weight_decay, (0.9, 0.95), run.device_type)
     run.start(model, optimizer, tok_path, ckpt)
     dmodel = wrap_model(model, run, args.compile)  # torch.compile and/or DDP; `model` stays the plain one

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from common import (UserError, Run, add_run_args, all_reduce_mean, check_args, checkpoint_tokenizer, cleanup, cli,
-                    ensure_world, flops_per_sample, grad_sync, load_checkpoint, lr_at, make_optimizer, place, set_lr,
+                    ensure_world, flops_per_sample, grad_sync, load_checkpoint, lr_at, make_optimizer, set_lr,
                     to_device, wrap_model, write_json_atomic)
 from data.images import load_coco, load_world_split, split_indices
 from data.text import replay_step, text_of_phase1
@@ -186,7 +186,7 @@ def main(argv=None):
             raise UserError(f"image size {image_size} must be a multiple of --patch_size*--merge = {args.patch_size * args.merge}")
         model = VLM(DecoderConfig(**prev["decoder_config"]), vit_cfg)
         model.decoder.load_state_dict(prev["model"])  # bit-identical copy of phase 1's weights
-    model = place(model, run)
+    model = model.to(run.device)
     P = model.projector.num_tokens()
     if P + args.max_caption_tokens + 1 > model.decoder.cfg.max_seq_len:
         raise UserError(f"{P} image tokens + {args.max_caption_tokens} caption tokens exceed the decoder's "
@@ -253,7 +253,7 @@ def main(argv=None):
 
     # ---- report: held-out captions from the best checkpoint
     if run.master and args.n_test > 0:
-        best = place(build_model(load_checkpoint(best_path, "phase2")), run)
+        best = build_model(load_checkpoint(best_path, "phase2")).to(run.device)
         result = {"best_val_loss": run.best_val, **caption_report(best, sp, data["test"], args.n_test, run.device)}
         write_json_atomic(result, os.path.join(run.out, "results.json"))
     run.log(f"done: best val caption loss {run.best_val:.4f} -> {best_path}")

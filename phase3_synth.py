@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from common import (UserError, Run, add_run_args, check_args, checkpoint_tokenizer, cleanup, cli, ensure_world,
-                    flops_per_token, load_checkpoint, lr_at, make_optimizer, place, read_jsonl, set_lr, show_progress,
+                    flops_per_token, load_checkpoint, lr_at, make_optimizer, read_jsonl, set_lr, show_progress,
                     to_device, wrap_model, write_atomic, write_json_atomic)
 from data.images import load_image_array, load_world_split
 from data.text import text_of_phase1, tokenize_lines, val_loss
@@ -184,7 +184,7 @@ def main(argv=None):
     sp = checkpoint_tokenizer(prev, init_path)
     p1 = load_checkpoint(os.path.join(args.out_dir, "phase1", "best.pt"), "phase1", run_first="python phase1_text.py")
     real_train, real_val = text_of_phase1(p1, args.out_dir, run)
-    model = place(build_model(prev), run)
+    model = build_model(prev).to(run.device)
     P = model.projector.num_tokens()
     if P + 1 + args.max_caption_tokens > model.decoder.cfg.max_seq_len:
         raise UserError(f"{P} image tokens + {args.max_caption_tokens} caption tokens exceed the decoder's "
@@ -257,7 +257,7 @@ def main(argv=None):
 
     # ---- 3. report: did it help? language scores of the best checkpoint (compare phase 2, the control)
     if run.master and not args.images:
-        best = place(build_model(load_checkpoint(best_path, "phase3")), run)
+        best = build_model(load_checkpoint(best_path, "phase3")).to(run.device)
         result = language_scores(best, sp, args.world_dir, run.device)
         result["best_val_loss"] = run.best_val
         print(f"{args.out_name}: world minimal pairs {100 * result['mp']:.1f}% | on held-out combos "

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from common import (UserError, Run, add_run_args, all_reduce_mean, check_args, checkpoint_tokenizer, cleanup, cli,
-                    ensure_world, flops_per_sample, load_checkpoint, lr_at, make_optimizer, place, set_lr, to_device,
+                    ensure_world, flops_per_sample, load_checkpoint, lr_at, make_optimizer, set_lr, to_device,
                     wrap_model, write_json_atomic)
 from data.images import split_indices
 from data.text import replay_step, text_of_phase1
@@ -183,7 +183,7 @@ def main(argv=None):
     if not src.get("vit_config"):
         raise UserError(f"{src_path} holds no vision model; phase 4 needs a phase 2 or phase 3 VLM")
     sp = checkpoint_tokenizer(src, src_path)
-    model = place(build_model(src), run)
+    model = build_model(src).to(run.device)
     assert isinstance(model, VLM)
     P = model.projector.num_tokens()
 
@@ -251,7 +251,7 @@ def main(argv=None):
 
     # ---- report: held-out questions from the best checkpoint, against the majority answer
     if run.master and args.n_test > 0:
-        best = place(build_model(load_checkpoint(best_path, "phase4")), run)
+        best = build_model(load_checkpoint(best_path, "phase4")).to(run.device)
         vqav2 = bool(args.vqa_questions)
         per, n = vqa_report(best, sp, data["test"], ranked, args.n_test, vqav2, args.max_answer_tokens, run.device)
         result = {"best_val_loss": run.best_val, "n_test": n, "init": args.init, "steps": run.step, "by_type": per}

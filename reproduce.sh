@@ -6,8 +6,7 @@
 #   ./reproduce.sh --device cpu --quiet  # extra arguments go to every phase script
 #   EVAL_ARGS="--blimp ../shared/data/blimp_fast" ./reproduce.sh   # extra arguments for eval.py only
 #
-# eval.py gets only the shared arguments it knows (--device, --out_dir, --world_dir, --seed, --quiet,
-# --no_fast_cpu);
+# eval.py gets only the shared arguments it knows (--device, --out_dir, --world_dir, --seed, --quiet);
 # the table also lands in OUT_DIR/eval.json and the chart in OUT_DIR/eval.png.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -26,7 +25,7 @@ while [ $i -lt ${#args[@]} ]; do
             eval_args+=("$a" "${args[$((i + 1))]}")
             [ "$a" = --world_dir ] && world_dir=${args[$((i + 1))]}
             i=$((i + 2)) ;;
-        --device=*|--out_dir=*|--world_dir=*|--seed=*|--quiet|--no_fast_cpu)
+        --device=*|--out_dir=*|--world_dir=*|--seed=*|--quiet)
             eval_args+=("$a")
             case "$a" in --world_dir=*) world_dir=${a#--world_dir=} ;; esac
             i=$((i + 1)) ;;

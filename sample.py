@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from common import UserError, check_range, checkpoint_tokenizer, cli, load_checkpoint, place, setup
+from common import UserError, check_range, checkpoint_tokenizer, cli, load_checkpoint, setup
 from tokenizer import BOS, EOS, decode
 
 PHASES = ("phase1", "phase2", "phase3", "phase3_control", "phase4")
@@ -43,7 +43,6 @@ def parse_args(argv=None):
     p.add_argument("--top_k", type=int, default=0, help="sample from the k likeliest tokens only (0 = all)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--no_fast_cpu", action="store_true", help="plain model.py on CPU too (fast_cpu.py off)")
     args = p.parse_args(argv)
     check_range("num_samples", args.num_samples, lo=1)
     check_range("max_new_tokens", args.max_new_tokens, lo=1)
@@ -155,10 +154,10 @@ def main(argv=None):
     args = parse_args(argv)
     path = find_checkpoint(args)
     files = image_files(args.images)  # before loading anything: a typo fails at once
-    run = setup(SimpleNamespace(device=args.device, seed=args.seed, no_fast_cpu=args.no_fast_cpu))
+    run = setup(SimpleNamespace(device=args.device, seed=args.seed))
     ckpt = load_checkpoint(path)
     sp = checkpoint_tokenizer(ckpt, path)
-    model = place(build_model(ckpt), run).eval()
+    model = build_model(ckpt).to(run.device).eval()
     what = "vision + language" if isinstance(model, VLM) else "text only"
     print(f"{path}: {ckpt.get('phase')} checkpoint, step {ckpt.get('step')}, {what}, on {run.device}")
     if files and not isinstance(model, VLM):

@@ -17,7 +17,7 @@ from model import Decoder, DecoderConfig  # noqa: E402
 
 
 def run_args(tmp_path, **kw):
-    a = dict(device="cpu", seed=0, no_fast_cpu=True, batch_size=2, out_dir=str(tmp_path / "out"), resume=False,
+    a = dict(device="cpu", seed=0, batch_size=2, out_dir=str(tmp_path / "out"), resume=False,
              max_steps=4, eval_interval=2, log_interval=1, quiet=True, lr=3e-3)
     a.update(kw)
     return SimpleNamespace(**a)
