@@ -394,6 +394,10 @@ def bench_generation(cfg, ours, vlm, hf, run, seed):
     return out
 
 
+def fmt_num(v, digits=0):
+    return "-" if v is None else f"{v:,.{digits}f}"
+
+
 def print_table(res):
     rows = []
     add = lambda k, v: rows.append((k, v))  # noqa: E731

@@ -208,7 +208,7 @@ def main(argv=None):
                              run_first="python phase1_text.py` (phase 4 replays its text), or pass `--text_frac 0")
         text_train, _ = text_of_phase1(p1, args.out_dir, run)
     mean_len = float(np.mean([len(p) + len(a) for p, a in zip(train.prompts[:2000], train.answers[:2000])]))
-    flops_per_sample = flops_per_sample(model, mean_len)
+    sample_flops = flops_per_sample(model, mean_len)
     types = ", ".join(f"{t} {len(a)}" for t, a in sorted(ranked.items()))
     run.log(f"device {run.device} x{run.world_size} | {len(train.rows):,} train questions on {len(set(train.image)):,} "
             f"images | {len(val.rows):,} val | {P} image tokens | from {src_path} | answers per type: {types}")
@@ -241,7 +241,7 @@ def main(argv=None):
             if run.ddp:  # answers differ in length: weigh each rank's mean by its tokens, as one process would
                 loss = loss * (n_tok / all_reduce_mean(float(n_tok), run))
             loss.backward()
-            counts = dict(tokens=n_tok, images=len(idx), flops=flops_per_sample * len(idx))
+            counts = dict(tokens=n_tok, images=len(idx), flops=sample_flops * len(idx))
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         optimizer.step()

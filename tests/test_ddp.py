@@ -29,7 +29,9 @@ def _same_run(a_dir, a_out, b_dir, b_out, phase, steps):
     ta, tb = tensors(ca["model"]), tensors(cb["model"])
     assert ta.keys() == tb.keys()
     for k in ta:
-        assert torch.allclose(ta[k], tb[k], rtol=1e-4, atol=1e-5), (phase, k, (ta[k] - tb[k]).abs().max().item())
+        # Adam divides by sqrt(v): where a gradient is near zero (a conv bias), the ranks' other summation order
+        # moves a weight by ~1e-5 in a few steps; a missing all-reduce moves it by ~lr = 1e-3 per step
+        assert torch.allclose(ta[k], tb[k], rtol=1e-4, atol=1e-4), (phase, k, (ta[k] - tb[k]).abs().max().item())
 
 
 @pytest.mark.slow
