@@ -143,7 +143,13 @@ def test_interrupted_world_build_exits_quickly_and_leaves_nothing(tmp_path, how)
         t0 = time.time()
         while len(children(p.pid)) < 2 and time.time() - t0 < 60 and p.poll() is None:
             time.sleep(0.2)
-        time.sleep(2)  # the workers are busy
+        # the pool is up when its processes stop changing: a signal to a worker still starting (before its
+        # initializer ignores SIGINT) tests Python's start-up, not the build
+        seen, t1 = children(p.pid), time.time()
+        while time.time() - t1 < 1.5 and time.time() - t0 < 60 and p.poll() is None:
+            time.sleep(0.25)
+            if children(p.pid) != seen:
+                seen, t1 = children(p.pid), time.time()
         workers = children(p.pid)
         assert workers and p.poll() is None, "the build had no worker pool to interrupt"
         t0 = time.time()
