@@ -590,7 +590,7 @@ class Run(SimpleNamespace):
         script = {"phase1": "phase1_text", "phase2": "phase2_caption", "phase4": "phase4_vqa"}.get(phase, phase)
         self.command = command or f"python {script}.py"
         self.gen = torch.Generator().manual_seed(args.seed)  # the training data order, saved with last.pt
-        self.step, self.best_val, self.val_loss, self.loss = 0, float("inf"), float("nan"), None
+        self.step, self.best_val, self.val_loss = 0, float("inf"), float("nan")
         self.best_step = None  # the step best.pt holds (None: saved before a --resume, see finish)
         self.parent = None
         if self.master:  # before any data is loaded: a mistake here costs nothing

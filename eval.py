@@ -188,8 +188,9 @@ def language_scores(model, sp, world_dir, device):
     pairs = read_jsonl(os.path.join(world_dir, "minimal_pairs.jsonl"))
     seen = [p for p in pairs if not p.get("heldout")]
     held = [p for p in pairs if p.get("heldout")]
-    desc = [l.strip() for l in open(os.path.join(world_dir, "descriptions_test.txt")) if l.strip()]
-    desc_h = [l.strip() for l in open(os.path.join(world_dir, "descriptions_test_heldout.txt")) if l.strip()]
+    from data.text import read_lines
+    desc = read_lines(os.path.join(world_dir, "descriptions_test.txt"))
+    desc_h = read_lines(os.path.join(world_dir, "descriptions_test_heldout.txt"))
     return {"mp": minimal_pairs(model, sp, seen, device)["macro"],
             "mp_heldout": minimal_pairs(model, sp, held, device)["macro"],
             "desc_loss": text_loss(model, sp, desc, device)["loss"],
@@ -422,19 +423,17 @@ def ngram_minimal_pairs(lm, pairs):
 
 def phase1_text_source(out_dir):
     """The text phase 1 read in out_dir (its data.json `source`) -> (label, training lines), or None."""
-    import json
+    from data.text import read_babylm_folder, read_info, read_lines, resolve_source
     info = os.path.join(out_dir, "data.json")
     if not os.path.exists(info):
         return None
-    with open(info) as f:
-        source = json.load(f).get("source", "")
+    recorded = read_info(info)["source"]  # data.json read as phases 2-4 read it
+    if not recorded:
+        return None
+    source = resolve_source(recorded, out_dir)
     if source.startswith("world:"):
-        from data.text import read_lines
         return source, read_lines(os.path.join(source.removeprefix("world:"), "text_train.txt"))
-    if source:
-        from data.text import read_babylm_folder
-        return source, read_babylm_folder(source)[0]
-    return None
+    return source, read_babylm_folder(source)[0]
 
 
 def minimal_pair_baselines(args, ckpts, data, log=print):
