@@ -69,17 +69,20 @@ def encode_sentence(sp, text):
 def minimal_pairs(model, sp, pairs, device="cpu"):
     """BLiMP-style: the model is right when log p(good) > log p(bad), summing token log-probs (the
     BabyLM convention). pairs: dicts with sentence_good, sentence_bad and a paradigm id (UID).
-    Returns {"per_paradigm": {uid: acc}, "macro": mean over paradigms, "n": pairs}."""
+    Returns {"per_paradigm": {uid: acc}, "macro": mean over paradigms, "n": pairs, "right": 1/0 per pair}."""
     seqs = []
     for p in pairs:
         seqs += [encode_sentence(sp, p["sentence_good"]), encode_sentence(sp, p["sentence_bad"])]
     lp, _ = sequence_logprobs(model, seqs, device=device)
     right = defaultdict(list)
+    items = []
     for i, p in enumerate(pairs):
         uid = p.get("UID") or p.get("paradigm") or p.get("linguistics_term") or "all"
         right[uid].append(lp[2 * i] > lp[2 * i + 1])
+        items.append(int(lp[2 * i] > lp[2 * i + 1]))
     per = {k: float(np.mean(v)) for k, v in sorted(right.items())}
-    return {"per_paradigm": per, "macro": float(np.mean(list(per.values()))) if per else float("nan"), "n": len(pairs)}
+    return {"per_paradigm": per, "macro": float(np.mean(list(per.values()))) if per else float("nan"), "n": len(pairs),
+            "right": items}
 
 
 def text_loss(model, sp, lines, device="cpu"):
@@ -103,6 +106,7 @@ def winoground(model, sp, items, images, device="cpu"):
                 imgs.append(images[it[f"image_{i}"]])
     lp, _ = sequence_logprobs(model, seqs, images=np.stack(imgs), device=device)
     text = image = group = 0
+    right = []
     for k in range(len(items)):
         s = lp[4 * k:4 * k + 4]  # s[2*i + c] = log p(caption c | image i)
         t_ok = s[0] > s[1] and s[3] > s[2]
@@ -110,8 +114,9 @@ def winoground(model, sp, items, images, device="cpu"):
         text += t_ok
         image += i_ok
         group += t_ok and i_ok
+        right.append(int(t_ok and i_ok))
     n = max(len(items), 1)
-    return {"text": text / n, "image": image / n, "group": group / n}
+    return {"text": text / n, "image": image / n, "group": group / n, "right": right}
 
 
 @torch.no_grad()
@@ -183,23 +188,87 @@ def caption_report(model, sp, test, n, device="cpu"):
 
 
 def language_scores(model, sp, world_dir, device):
-    """World minimal pairs (all paradigms; held-out-combo paradigms alone) and loss on held-out descriptions."""
+    """The world's language probes on their test split (see data/benchmarks.py): existence, relation, syntax
+    (minimal pairs), their mean, and the surprisal gaps in bits. What phase 3 reports about its own checkpoint."""
     from common import read_jsonl
-    pairs = read_jsonl(os.path.join(world_dir, "minimal_pairs.jsonl"))
-    seen = [p for p in pairs if not p.get("heldout")]
-    held = [p for p in pairs if p.get("heldout")]
-    from data.text import read_lines
-    desc = read_lines(os.path.join(world_dir, "descriptions_test.txt"))
-    desc_h = read_lines(os.path.join(world_dir, "descriptions_test_heldout.txt"))
-    return {"mp": minimal_pairs(model, sp, seen, device)["macro"],
-            "mp_heldout": minimal_pairs(model, sp, held, device)["macro"],
-            "desc_loss": text_loss(model, sp, desc, device)["loss"],
-            "desc_heldout_loss": text_loss(model, sp, desc_h, device)["loss"]}
+    from data.world import read_meta
+    items = read_jsonl(os.path.join(world_dir, "probes.jsonl")) + read_jsonl(os.path.join(world_dir, "minimal_pairs.jsonl"))
+    out = {}
+    for name, rows in probe_sets(items, "test").items():
+        out[name] = minimal_pairs(model, sp, rows, device)["macro"]
+    out["language_avg"] = float(np.mean([out[k] for k in PROBE_KEYS]))
+    out.update(surprisal_gaps(model, sp, read_meta(world_dir), device))
+    return out
+
+
+def probe_sets(items, split):
+    """Probe and minimal-pair rows of one split -> {"existence": [...], "relation": [...], "syntax": [...]}."""
+    sets = {k: [] for k in PROBE_KEYS}
+    for r in items:
+        if r.get("split", "test") == split:
+            sets[r.get("probe", "syntax")].append(r)
+    return sets
+
+
+def surprisal_gaps(model, sp, meta, device):
+    """How surprised the decoder is by a shape after its colour, -log2 p(shape | "there is a <size> <colour>"),
+    for the S pairs (held out of phase 1, named in phase 2) and the U pairs (named nowhere, only seen in the
+    unlabeled images), minus the same for the pairs phase 1 read: in bits, 0 = as expected as a seen pair."""
+    from data.talk import noun_phrase
+    groups = {"S": meta["heldout_combos"], "U": meta["unseen_combos"],
+              "seen": [f"{c} {s}" for c in meta["colors"] for s in meta["shapes"]
+                       if f"{c} {s}" not in set(meta["heldout_combos"] + meta["unseen_combos"] + meta["foil_combos"])]}
+    seqs, starts, owner = [], [], []
+    for g, pairs in groups.items():
+        for pair in pairs:
+            color, shape = pair.split()
+            for size in meta["sizes"]:
+                prompt = [BOS] + sp.encode(f"there is {noun_phrase('a', size, color)}")
+                seqs.append(prompt + sp.encode(shape))
+                starts.append(len(prompt))
+                owner.append(g)
+    lp, n = sequence_logprobs(model, seqs, score_from=starts, device=device)
+    bits = defaultdict(list)
+    for g, l in zip(owner, lp):
+        bits[g].append(-l / math.log(2))
+    seen = float(np.mean(bits["seen"]))
+    return {"gap_s": float(np.mean(bits["S"])) - seen, "gap_u": float(np.mean(bits["U"])) - seen}
+
+
+@torch.no_grad()
+def productive_vocabulary(model, sp, meta, n=1000, seed=0, device="cpu"):
+    """What the decoder says on its own: n samples from BOS at temperature 1. -> share of the U pairs it names at
+    least once, share of lines naming any U pair, and share of grammatical lines (the world's own judge)."""
+    from data.judge import is_grammatical
+    from data.talk import mentions
+    dec = decoder_of(model)
+    dec.eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    unseen = [tuple(p.split()) for p in meta["unseen_combos"]]
+    lines = []
+    for b0 in range(0, n, 250):
+        new = dec.generate([[BOS]] * min(250, n - b0), min(48, dec.cfg.max_seq_len - 1), temperature=1.0, eos_id=EOS,
+                           generator=gen)
+        lines += [decode(sp, ids) for ids in new]
+    named = {p for p in unseen if any(mentions(x, {p}) for x in lines)}
+    return {"u_said": len(named) / len(unseen), "u_lines": float(np.mean([mentions(x, set(unseen)) for x in lines])),
+            "grammatical": float(np.mean([is_grammatical(x) for x in lines])), "examples": lines[:5]}
+
+
+def u_naming(captions, scenes, unseen):
+    """Of the U objects in the images (colour+shape pairs no training caption ever named), the share whose caption
+    names them by colour and shape ("red circle(s)"): does the captioner compose words it learned apart?"""
+    from data.talk import mentions
+    unseen = {tuple(p.split()) for p in unseen}
+    hits = [mentions(c, {(o["color"], o["shape"])}) for c, s in zip(captions, scenes) for o in s["objects"]
+            if (o["color"], o["shape"]) in unseen]
+    return float(np.mean(hits)) if hits else None
 
 
 def caption_accuracy(captions, scenes):
-    """The headline caption metric: the fraction of exactly correct captions (see caption_scores)."""
-    return caption_scores(captions, scenes)["exact"]
+    """The headline caption metric, "caption exact": true, every object named, the count right (caption_scores'
+    "complete"): a caption that names one object of three is not a description of the image."""
+    return caption_scores(captions, scenes)["complete"]
 
 
 # ---- BLEU-4 (Papineni et al. 2002), corpus level, for real captions
@@ -269,26 +338,25 @@ def vqa_generate(model, sp, images, questions, max_new_tokens=8, batch_size=64, 
     return generate_text(model, sp, images, prompts, max_new_tokens, batch_size, device)
 
 
-def vqa_rank(model, sp, images, questions, candidates, batch_size=64, device="cpu"):
-    """Pick, for each question, the candidate answer with the highest log p(answer, EOS | image, question)
-    (summed over the answer's tokens, as the BabyLM VQA task ranks answers against distractors)."""
-    seqs, imgs, starts, owner = [], [], [], []
+def vqa_rank(model, sp, images, questions, candidates, batch_size=64, device="cpu", per_token=True):
+    """Pick, for each question, the candidate answer with the highest log p(answer, EOS | image, question).
+    per_token: the mean over the answer's tokens (EOS included), so a long right answer ("the red circle") is not
+    beaten by a short wrong one ("no") for its length alone; False sums them, the BabyLM ranking."""
+    seqs, imgs, starts = [], [], []
     for k, (q, cands) in enumerate(zip(questions, candidates)):
         prompt = vqa_prompt(sp, q)
         for c in cands:
             seqs.append(prompt + vqa_answer_ids(sp, c))
             starts.append(len(prompt))  # score from the first answer token on
             imgs.append(k)
-            owner.append(k)
-    lp, _ = sequence_logprobs(model, seqs, images=np.asarray(images)[imgs], score_from=starts,
+    lp, n = sequence_logprobs(model, seqs, images=np.asarray(images)[imgs], score_from=starts,
                               batch_size=batch_size, device=device)
-    best = {}
-    j = 0
-    for k, cands in enumerate(candidates):
-        scores = lp[j:j + len(cands)]
-        best[k] = cands[int(np.argmax(scores))]
+    scores = [l / k for l, k in zip(lp, n)] if per_token else lp
+    out, j = [], 0
+    for cands in candidates:
+        out.append(cands[int(np.argmax(scores[j:j + len(cands)]))])
         j += len(cands)
-    return [best[k] for k in range(len(candidates))]
+    return out
 
 
 def vqa_test_table(model, sp, test, ranked, n, vqav2, max_answer_tokens, device):
@@ -439,9 +507,11 @@ def phase1_text_source(out_dir):
 def minimal_pair_baselines(args, ckpts, data, log=print):
     """Rows shaped like evaluate_checkpoint's results, for the tables: word unigram, bigram and trigram models
     trained on the text phase 1 read (the first checkpoint's out dir's data.json), scored on every
-    minimal-pair benchmark in data, and chance. [] when there are no minimal pairs or no known text."""
-    keys = [k for k in ("blimp", "world_mp", "world_mp_heldout") if data.get(k)]
-    if not keys:
+    minimal-pair benchmark in data (BLiMP, the world's probes), and chance (on the vision benchmarks too).
+    [] when there are no minimal pairs or no known text."""
+    sets = {"blimp": data.get("blimp")} | (data["probes"]["test"] if "probes" in data else {})
+    sets = {k: v for k, v in sets.items() if v}
+    if not sets:
         return []
     found = None
     for _, path in ckpts:  # out/phase1/best.pt -> out/
@@ -454,16 +524,25 @@ def minimal_pair_baselines(args, ckpts, data, log=print):
     rows = []
     for n, name in ((1, "unigram"), (2, "bigram"), (3, "trigram")):
         lm = NGram(lines, n)
-        detail = {k: ngram_minimal_pairs(lm, data[k]) for k in keys}
+        detail = {k: ngram_minimal_pairs(lm, v) for k, v in sets.items()}
         rows.append({"name": name, "source": source, "words": lm.total_words, "detail": detail,
                      "metrics": {k: detail[k]["macro"] if k in detail else None for k, _ in COLUMNS}})
     per = lambda k: {uid: 0.5 for uid in rows[0]["detail"][k]["per_paradigm"]}  # noqa: E731
-    rows.append({"name": "chance", "source": source, "detail": {k: {"per_paradigm": per(k), "macro": 0.5} for k in keys},
-                 "metrics": {k: 0.5 if k in keys else None for k, _ in COLUMNS}})
+    chance = {k: {"per_paradigm": per(k), "macro": 0.5} for k in sets}
+    metrics = {k: 0.5 if k in sets else None for k, _ in COLUMNS}
+    if data.get("wino"):
+        metrics["wino_group"] = 1 / 6  # 4 scores in a random order: 4 of the 24 orders pass both tests
+    if data.get("vqa"):
+        from data.vqa import world_candidates
+        metrics["vqa_ranked"] = float(np.mean([1 / len(world_candidates(q, data["vqa_ranked"])) for q in data["vqa"]]))
+    if data.get("cap_images") is not None and len(data["cap_images"]):
+        metrics["caption_exact"] = metrics["u_naming"] = 0.0
+    rows.append({"name": "chance", "source": source, "detail": chance, "metrics": metrics})
     for r in rows:
         r["metrics"]["language_avg"] = mean_of([r["metrics"][k] for k in LANG_KEYS])
+    rows[-1]["metrics"]["vl_avg"] = mean_of([metrics[k] for k in VL_KEYS]) if metrics["wino_group"] else None
     log(f"n-gram baselines (trained on {len(lines):,} lines, {rows[0]['words'] - len(lines):,} words of {source}): " + "; ".join(
-        f"{r['name']} " + ", ".join(f"{k} {r['metrics'][k]:.3f}" for k in keys) for r in rows[:3]))
+        f"{r['name']} " + ", ".join(f"{k} {r['metrics'][k]:.3f}" for k in sets) for r in rows[:3]))
     return rows
 
 
@@ -474,20 +553,23 @@ def minimal_pair_baselines(args, ckpts, data, log=print):
 #   python eval.py --ckpt out/phase2/best.pt --device cuda
 #   python eval.py --out_dir out_babylm --blimp ../shared/data/blimp_fast
 #
-# Prints a markdown table (rows = checkpoints, columns = benchmarks), writes the numbers as JSON and
-# draws a bar chart of the two averages:
-#   language avg        = mean(world minimal pairs, world held-out minimal pairs, BLiMP macro if --blimp)
-#   vision-language avg = mean(Winoground text score, exact-caption rate, VQA accuracy)
-# A text-only (phase 1) checkpoint gets n/a in every vision column.
+# Prints a markdown table (rows = checkpoints, columns = benchmarks), writes the numbers as JSON (with every
+# item's score, for eval.py --compare) and draws a bar chart of the two averages:
+#   language avg        = mean(existence, relation, syntax), the world's text probes (chance 0.5 each);
+#                         BLiMP macro instead, or as well, with --blimp
+#   vision-language avg = mean(caption exact, Winoground group, ranked VQA)
+# A text-only (phase 1) checkpoint gets n/a in every vision column. Rows of word n-gram models trained on phase
+# 1's text, and of chance, follow the checkpoints.
 
-DEFAULT_ROWS = ("phase1", "phase2", "phase3_control", "phase3", "phase4")
-LANG_KEYS = ("world_mp", "world_mp_heldout", "blimp")
-VL_KEYS = ("wino_text", "caption_exact", "vqa")
-# (key, header) of the main table; bits per byte: lower is better, everything else higher
-COLUMNS = [("blimp", "BLiMP"), ("world_mp", "world MP"), ("world_mp_heldout", "world MP held-out"),
-           ("bpb", "bpb"), ("bpb_heldout", "bpb held-out"),
-           ("wino_text", "Wino text"), ("wino_image", "Wino image"), ("wino_group", "Wino group"),
-           ("caption_exact", "caption exact"), ("coco_bleu4", "COCO BLEU-4"), ("vqa", "VQA"),
+DEFAULT_ROWS = ("phase1", "phase2", "phase3_control", "phase3", "phase3_oracle", "phase4")
+PROBE_KEYS = ("existence", "relation", "syntax")
+LANG_KEYS = PROBE_KEYS + ("blimp",)
+VL_KEYS = ("caption_exact", "wino_group", "vqa_ranked")
+# (key, header) of the main table: gaps in bits (0 is best), everything else a share (higher is better)
+COLUMNS = [("blimp", "BLiMP"), ("existence", "existence"), ("relation", "relation"), ("syntax", "syntax"),
+           ("gap_s", "gap S"), ("gap_u", "gap U"), ("u_said", "U said"), ("grammatical", "grammatical"),
+           ("caption_exact", "caption exact"), ("u_naming", "U naming"), ("wino_group", "Wino group"),
+           ("vqa_ranked", "VQA ranked"), ("vqa_gen", "VQA gen"), ("coco_bleu4", "COCO BLEU-4"),
            ("language_avg", "language avg"), ("vl_avg", "VL avg")]
 
 
@@ -503,7 +585,8 @@ def parse_args(argv=None):
     p.add_argument("--blimp_max_per_paradigm", type=int, default=0, help="first N pairs of each paradigm (0 = all)")
     p.add_argument("--per_paradigm", action="store_true", help="also print per-paradigm tables (always for --blimp)")
     p.add_argument("--coco_dir", default="", help="COCO captions folder: adds BLEU-4 on its held-out 10%%")
-    p.add_argument("--n_caption", type=int, default=300, help="held-out world images to caption")
+    p.add_argument("--n_caption", type=int, default=1000, help="held-out world images to caption (caption_test has 1000)")
+    p.add_argument("--n_samples", type=int, default=1000, help="unconditional samples for U said / grammatical")
     p.add_argument("--n_vqa", type=int, default=1000, help="VQA test questions")
     p.add_argument("--n_wino", type=int, default=0, help="Winoground items (0 = all)")
     p.add_argument("--n_text", type=int, default=1000, help="held-out description lines per file (0 = all)")
@@ -518,7 +601,7 @@ def parse_args(argv=None):
     p.add_argument("--quiet", action="store_true", help="only the tables")
     args = p.parse_args(argv)
     from common import check_range
-    for name in ("blimp_max_per_paradigm", "n_caption", "n_vqa", "n_wino", "n_text", "n_coco", "threads"):
+    for name in ("blimp_max_per_paradigm", "n_caption", "n_samples", "n_vqa", "n_wino", "n_text", "n_coco", "threads"):
         check_range(name, getattr(args, name), lo=0)
     check_range("batch_size", args.batch_size, lo=1)
     args.json = args.json or os.path.join(args.out_dir, "eval.json")
@@ -589,7 +672,10 @@ def score_pairs(model, sp, pairs, device):
     lens = [max(len(encode_sentence(sp, p["sentence_good"])), len(encode_sentence(sp, p["sentence_bad"]))) for p in pairs]
     order = [i for i in np.argsort(lens, kind="stable") if lens[i] <= max_len]
     res = minimal_pairs(model, sp, [pairs[i] for i in order], device=device)
-    res["skipped_too_long"] = len(pairs) - len(order)
+    right = [None] * len(pairs)  # each pair's score back in the file's order (None: too long to score)
+    for j, i in enumerate(order):
+        right[i] = res["right"][j]
+    res["right"], res["skipped_too_long"] = right, len(pairs) - len(order)
     return res
 
 
@@ -608,9 +694,14 @@ def load_eval_data(args):
         from common import show_progress
         print(f"{w} has no built world: building it (python -m data.world --out {w})")
         ensure_built(w, progress=show_progress(args))
-    mp = read_jsonl(os.path.join(w, "minimal_pairs.jsonl"))
-    d["world_mp"] = [p for p in mp if not p.get("heldout")]
-    d["world_mp_heldout"] = [p for p in mp if p.get("heldout")]
+    from data.world import FORMAT_VERSION, read_meta
+    d["meta"] = read_meta(w)
+    if d["meta"]["format_version"] != FORMAT_VERSION:
+        from common import UserError
+        raise UserError(f"{w} was built by an older version of data/world.py (format {d['meta']['format_version']}, "
+                        f"this code reads {FORMAT_VERSION}); delete the folder to rebuild it, or pass another --world_dir")
+    items = read_jsonl(os.path.join(w, "probes.jsonl")) + read_jsonl(os.path.join(w, "minimal_pairs.jsonl"))
+    d["probes"] = {split: probe_sets(items, split) for split in ("test", "val")}
     for key, name in (("desc", "descriptions_test.txt"), ("desc_heldout", "descriptions_test_heldout.txt")):
         with open(os.path.join(w, name), encoding="utf-8") as f:
             lines = [l.strip() for l in f if l.strip()]
@@ -623,7 +714,8 @@ def load_eval_data(args):
     d["cap_images"], d["cap_scenes"] = np.asarray(images[:n]), [r["scene"] for r in rows[:n]]
     qs = read_jsonl(os.path.join(w, "vqa_test.jsonl"))[:args.n_vqa]
     vqa_images = np.load(os.path.join(w, "vqa_test_images.npy"), mmap_mode="r")
-    d["vqa"] = qs
+    from data.vqa import answers_by_type
+    d["vqa"], d["vqa_ranked"] = qs, answers_by_type(read_jsonl(os.path.join(w, "vqa_train.jsonl")))[0]
     d["vqa_images"] = np.asarray(vqa_images[[q["image"] for q in qs]]) if qs else vqa_images[:0]
     return d
 
@@ -645,10 +737,11 @@ def mean_of(values):
 
 
 def evaluate_checkpoint(model, sp, data, args, device, coco_cache, log=print):
-    """-> metrics dict (None = n/a) and a per-benchmark detail dict for the JSON."""
+    """-> metrics dict (None = n/a) and a per-benchmark detail dict for the JSON (with every item's score, 1 or
+    0, under detail["items"], so that runs can be compared item by item)."""
     import time
     m = {key: None for key, _ in COLUMNS}
-    detail = {"seconds": {}}
+    detail = {"seconds": {}, "items": {}}
     last = [time.perf_counter()]
 
     def clock(name):  # seconds spent on each benchmark, for the JSON
@@ -661,12 +754,19 @@ def evaluate_checkpoint(model, sp, data, args, device, coco_cache, log=print):
         m["blimp"], detail["blimp"] = r["macro"], r
         clock("blimp")
         log(f"  BLiMP macro {r['macro']:.3f} over {len(r['per_paradigm'])} paradigms, {r['n']} pairs")
-    if "world_mp" in data:
-        for key in ("world_mp", "world_mp_heldout"):
-            if data[key]:
-                r = score_pairs(model, sp, data[key], device)
-                m[key], detail[key] = r["macro"], r
-        clock("world_mp")
+    if "probes" in data:
+        for split in ("test", "val"):  # val: for choosing settings; the table reports test
+            for key, rows in data["probes"][split].items():
+                r = score_pairs(model, sp, rows, device)
+                if split == "test":
+                    m[key], detail[key], detail["items"][key] = r["macro"], r, r["right"]
+                else:
+                    m[f"{key}_val"] = r["macro"]
+        m.update(surprisal_gaps(model, sp, data["meta"], device))
+        clock("probes")
+        pv = productive_vocabulary(model, sp, data["meta"], args.n_samples, args.seed, device)
+        m["u_said"], m["grammatical"], detail["samples"] = pv["u_said"], pv["grammatical"], pv
+        clock("samples")
         for key, lines in (("bpb", data["desc"]), ("bpb_heldout", data["desc_heldout"])):
             max_len = decoder_of(model).cfg.max_seq_len
             lines = [l for l in lines if len(encode_sentence(sp, l)) <= max_len]
@@ -675,8 +775,9 @@ def evaluate_checkpoint(model, sp, data, args, device, coco_cache, log=print):
                 r = text_loss(model, sp, lines, device=device)
                 m[key], detail[key] = r["bpb"], dict(r, n_lines=len(lines))
         clock("bpb")
-        log(f"  world minimal pairs {fmt_metric(m['world_mp'])} / held-out {fmt_metric(m['world_mp_heldout'])}, "
-            f"bpb {fmt_metric(m['bpb'])} / held-out {fmt_metric(m['bpb_heldout'])}")
+        log(f"  existence {fmt_metric(m['existence'])}, relation {fmt_metric(m['relation'])}, syntax "
+            f"{fmt_metric(m['syntax'])}; surprisal gap S {m['gap_s']:+.2f} / U {m['gap_u']:+.2f} bits; "
+            f"samples name {fmt_metric(m['u_said'])} of the U pairs, {fmt_metric(m['grammatical'])} grammatical")
     world_size = data["cap_images"].shape[1] if len(data.get("cap_images", ())) else None
     if isinstance(model, VLM) and world_size and world_size != model.vit.cfg.image_size:
         # e.g. a phase 2 trained on COCO at --image_size 64: the world's benchmarks do not apply
@@ -689,27 +790,43 @@ def evaluate_checkpoint(model, sp, data, args, device, coco_cache, log=print):
         if "wino" in data and data["wino"]:
             r = winoground(model, sp, data["wino"], data["wino_images"], device=device)
             m["wino_text"], m["wino_image"], m["wino_group"] = r["text"], r["image"], r["group"]
-            detail["winoground"] = dict(r, n=len(data["wino"]))
+            detail["winoground"] = {k: v for k, v in r.items() if k != "right"} | {"n": len(data["wino"])}
+            detail["items"]["wino_group"] = r["right"]
             clock("winoground")
         if "cap_images" in data and len(data["cap_images"]):
             caps = caption_images(model, sp, data["cap_images"], max_new, args.batch_size, device)
-            m["caption_exact"] = caption_accuracy(caps, data["cap_scenes"])
-            # a constant, vague but true caption ("there are no orange crosses .") can score high on
-            # exactness, so also record how many different captions the model wrote
-            detail["captions"] = {"exact": m["caption_exact"], "n": len(caps), "distinct": len(set(caps)),
-                                  "examples": caps[:5]}
+            from data.judge import caption_quality
+            q = [caption_quality(sc, c) for c, sc in zip(caps, data["cap_scenes"])]
+            detail["items"]["caption_exact"] = [int(x["complete"]) for x in q]
+            m["caption_exact"] = float(np.mean(detail["items"]["caption_exact"]))
+            m["u_naming"] = u_naming(caps, data["cap_scenes"], data["meta"]["unseen_combos"])
+            # a constant, vague but true caption ("there are no orange crosses .") can still be "correct", so
+            # also record how many different captions the model wrote
+            detail["captions"] = {"exact": m["caption_exact"], "correct": float(np.mean([x["correct"] for x in q])),
+                                  "n": len(caps), "distinct": len(set(caps)), "examples": caps[:5]}
             clock("captions")
         if "vqa" in data and data["vqa"]:
-            qs = data["vqa"]
-            preds = vqa_generate(model, sp, data["vqa_images"], [q["question"] for q in qs],
-                                 batch_size=args.batch_size, device=device)
-            right = [vqa_accuracy(p, [q["answer"]]) for p, q in zip(preds, qs)]
-            by_type = defaultdict(list)
-            for q, r in zip(qs, right):
-                by_type[q.get("type", "all")].append(r)
-            m["vqa"] = float(np.mean(right))
-            detail["vqa"] = {"overall": m["vqa"], "n": len(qs),
-                             "by_type": {t: float(np.mean(v)) for t, v in sorted(by_type.items())}}
+            qs, imgs = data["vqa"], data["vqa_images"]
+            questions = [q["question"] for q in qs]
+            # ranked: every vision checkpoint can be scored this way, trained on questions or not
+            from data.vqa import world_candidates
+            cands = [world_candidates(q, data["vqa_ranked"]) for q in qs]
+            chosen = vqa_rank(model, sp, imgs, questions, cands, batch_size=args.batch_size, device=device)
+            right = [vqa_accuracy(c, [q["answer"]]) for c, q in zip(chosen, qs)]
+            m["vqa_ranked"] = float(np.mean(right))
+            detail["items"]["vqa_ranked"] = right
+            # generated: only a model that learned phase 4's answer format can score here
+            preds = vqa_generate(model, sp, imgs, questions, batch_size=args.batch_size, device=device)
+            gen_right = [vqa_accuracy(p, [q["answer"]]) for p, q in zip(preds, qs)]
+            m["vqa_gen"] = float(np.mean(gen_right))
+            by_type = defaultdict(lambda: ([], []))
+            for q, r, g in zip(qs, right, gen_right):
+                by_type[q.get("type", "all")][0].append(r)
+                by_type[q.get("type", "all")][1].append(g)
+            detail["vqa"] = {"ranked": m["vqa_ranked"], "generated": m["vqa_gen"], "n": len(qs),
+                             "chance": float(np.mean([1 / len(c) for c in cands])),
+                             "by_type": {t: float(np.mean(v[0])) for t, v in sorted(by_type.items())},
+                             "by_type_generated": {t: float(np.mean(v[1])) for t, v in sorted(by_type.items())}}
             clock("vqa")
         if args.coco_dir:
             images, refs = coco_test(args, model.vit.cfg.image_size, coco_cache)
@@ -718,8 +835,9 @@ def evaluate_checkpoint(model, sp, data, args, device, coco_cache, log=print):
             detail["coco"] = {"bleu4": m["coco_bleu4"], "n": len(caps), "examples": caps[:5]}
             clock("coco")
         distinct = f" ({detail['captions']['distinct']} distinct)" if "captions" in detail else ""
-        log(f"  Winoground text {fmt_metric(m['wino_text'])}, caption exact {fmt_metric(m['caption_exact'])}{distinct}, "
-            f"VQA {fmt_metric(m['vqa'])}" + (f", COCO BLEU-4 {fmt_metric(m['coco_bleu4'])}" if args.coco_dir else ""))
+        log(f"  Winoground group {fmt_metric(m['wino_group'])}, caption exact {fmt_metric(m['caption_exact'])}{distinct}, "
+            f"U naming {fmt_metric(m['u_naming'])}, VQA ranked {fmt_metric(m['vqa_ranked'])} / generated "
+            f"{fmt_metric(m['vqa_gen'])}" + (f", COCO BLEU-4 {fmt_metric(m['coco_bleu4'])}" if args.coco_dir else ""))
     m["language_avg"] = mean_of([m[k] for k in LANG_KEYS])
     m["vl_avg"] = mean_of([m[k] for k in VL_KEYS])
     return m, detail
@@ -880,18 +998,21 @@ def main(argv=None):
                                 total=("macro", lambda r: r["metrics"]["blimp"])))
         if args.per_paradigm and world:
             print("\nWorld minimal pairs per paradigm\n")
-            print(per_key_table(results + baselines, lambda r: {**r["detail"].get("world_mp", {}).get("per_paradigm", {}),
-                                                    **r["detail"].get("world_mp_heldout", {}).get("per_paradigm", {})}))
-    if any(r["metrics"]["vqa"] is not None for r in results):
-        print(f"\nVQA accuracy by question type ({len(data['vqa'])} test questions, greedy answers)\n")
+            print(per_key_table(results + baselines, lambda r: {uid: a for k in PROBE_KEYS for uid, a in
+                                                                 r["detail"].get(k, {}).get("per_paradigm", {}).items()}))
+    if any(r["metrics"]["vqa_ranked"] is not None for r in results):
+        print(f"\nVQA accuracy by question type ({len(data['vqa'])} test questions; answers ranked by their mean "
+              "log-prob per token)\n")
         print(per_key_table(results, lambda r: r["detail"].get("vqa", {}).get("by_type"), first="question type",
-                            total=("overall", lambda r: r["metrics"]["vqa"])))
-    note = "; bpb = bits per byte on held-out descriptions, lower is better" if world else ""
+                            total=("overall", lambda r: r["metrics"]["vqa_ranked"])))
+    note = ("; gap S/U = surprisal of a held-out pair's shape after its colour minus a seen pair's, in bits (0 is "
+            "best); test splits") if world else ""
     print(f"\nResults (accuracies in 0..1{note})\n")
     print(results_table([dict(r, name=r["name"] + " (!)") if r.get("stale") else r for r in results] + baselines, columns))
     if baselines:
         print(f"\n(baselines: word n-gram models trained on the text phase 1 read, {baselines[0]['source']}; "
-              "chance is 0.5 on every minimal-pair benchmark)")
+              "chance is 0.5 on every minimal-pair benchmark and probe, 1/6 on Winoground group, 1/(allowed "
+              "answers) on ranked VQA)")
     for r in results:
         if r.get("stale"):
             print(f"(!) {r['name']}: {r['stale']}; its row may not match a rerun")

@@ -32,7 +32,7 @@ LIMITS = {"image_size": (8, None), "patch_size": (1, None), "vit_layers": (1, No
           "vit_d": (4, None), "merge": (1, None), "batch_size": (1, None), "length_groups": (1, None),
           "max_steps": (1, None), "warmup": (0, None), "eval_interval": (1, None), "eval_batches": (1, None),
           "log_interval": (1, None), "n_test": (0, None), "max_caption_tokens": (4, None),
-          "canonical_frac": (0, 1), "min_lr_frac": (0, 1), "text_frac": (0, 0.5),  # 0.5: every other step
+          "canonical_frac": (0, 1), "relation_frac": (0, 1), "min_lr_frac": (0, 1), "text_frac": (0, 0.5),  # 0.5: every other step
           "weight_decay": (0, None), "grad_clip": (0, None), "muon_scale": (0, None),
           "lr_new": (("above", 0), None), "lr_decoder": (("above", 0), None)}
 
@@ -45,6 +45,10 @@ def parse_args(argv=None):
     p.add_argument("--image_size", type=int, default=32, help="COCO photos are resized to this (world: as built)")
     p.add_argument("--canonical_frac", type=float, default=1.0,
                    help="world: how often the full canonical caption is the target (else another reference)")
+    p.add_argument("--relation_frac", type=float, default=0.3,
+                   help="world: how often an image with a clear relation is captioned by its relational caption "
+                        "('a red circle above a blue square . a blue square below a red circle .'), the only "
+                        "place above/below are taught")
     p.add_argument("--text_frac", type=float, default=0.1, help="fraction of steps that replay phase 1 text")
     # vision model
     p.add_argument("--patch_size", type=int, default=4)
@@ -86,18 +90,24 @@ def parse_args(argv=None):
 
 def load_caption_data(args, sp, run):
     """-> dict split -> SimpleNamespace(images uint8 (N,H,W,3), captions [[ids,...] per image],
-    texts [[str,...]], scenes [dict or None])."""
+    relations [ids of the relational caption, or None, per image], texts [[str,...]], scenes [dict or None])."""
     def pack(images, rows, idx=None):
         idx = np.arange(len(rows)) if idx is None else idx
         rows = [rows[i] for i in idx]
         texts = [r["captions"] for r in rows]
-        flat = sp.encode([c for caps in texts for c in caps])  # one batched call
+        rels = [r.get("relation") for r in rows]  # world images only
+        flat = sp.encode([c for caps in texts for c in caps] + [r for r in rels if r])  # one batched call
         ids, k = [], 0
         for caps in texts:
             ids.append([[BOS] + flat[k + j][:args.max_caption_tokens] + [EOS] for j in range(len(caps))])
             k += len(caps)
+        relations = []
+        for r in rels:
+            relations.append([BOS] + flat[k][:args.max_caption_tokens] + [EOS] if r else None)
+            k += bool(r)
         imgs = images if len(idx) == len(images) else images[idx]
-        return SimpleNamespace(images=imgs, captions=ids, texts=texts, scenes=[r.get("scene") for r in rows])
+        return SimpleNamespace(images=imgs, captions=ids, relations=relations, texts=texts,
+                               scenes=[r.get("scene") for r in rows])
 
     if args.coco_dir:
         images, rows = load_coco(args.coco_dir, args.image_size, os.path.join(args.out_dir, "cache"))
@@ -109,7 +119,7 @@ def load_caption_data(args, sp, run):
     return {s: pack(*load_world_split(args.world_dir, f"caption_{s}")) for s in ("train", "val", "test")}
 
 
-def caption_batches(data, idx, gen, canonical_frac, groups=1, mine=slice(None)):
+def caption_batches(data, idx, gen, canonical_frac, groups=1, mine=slice(None), relation_frac=0.0):
     """Captions for images idx, as `groups` micro-batches of images (b,H,W,3) uint8 and padded (b,T)
     inputs/targets. Targets are -1 on padding, so only caption tokens (and EOS) carry loss.
     Rows are sorted by caption length before the cut, so a one-object caption (12 tokens) is not
@@ -119,8 +129,11 @@ def caption_batches(data, idx, gen, canonical_frac, groups=1, mine=slice(None)):
     seqs = []
     for i in idx:
         caps = data.captions[i]
-        # canonical (first) caption with probability canonical_frac, else one of the others
-        if len(caps) == 1 or torch.rand((), generator=gen).item() < canonical_frac:
+        # the relational caption with probability relation_frac (if the image has one), else the canonical
+        # (first) caption with probability canonical_frac, else one of the others
+        if relation_frac and data.relations[i] and torch.rand((), generator=gen).item() < relation_frac:
+            seqs.append(data.relations[i])
+        elif len(caps) == 1 or torch.rand((), generator=gen).item() < canonical_frac:
             seqs.append(caps[0])
         else:
             seqs.append(caps[1 + int(torch.randint(len(caps) - 1, (), generator=gen))])
@@ -229,7 +242,8 @@ def main(argv=None):
             idx = torch.randint(len(train.captions), (args.batch_size,), generator=run.gen).numpy()
             mine = slice(run.rank, None, run.world_size)  # same global batch, each rank its own rows
             parts = [to_device(run, *b) for b in
-                     caption_batches(train, idx, run.gen, args.canonical_frac, args.length_groups, mine)]
+                     caption_batches(train, idx, run.gen, args.canonical_frac, args.length_groups, mine,
+                                     args.relation_frac)]
             part_tok = [int((y >= 0).sum()) for _, _, y in parts]
             n_mean = all_reduce_mean(float(sum(part_tok)), run)  # ranks hold captions of different lengths
             loss = 0.0

@@ -9,6 +9,8 @@ mix of those synthetic captions and the real phase 1 text.
     python phase3_synth.py                        # after phase2_caption.py
     python phase3_synth.py --synthetic_frac 0     # the control: same steps, real text only
                                                   # (writes out/phase3_control/ instead of out/phase3/)
+    python phase3_synth.py --arm oracle           # the upper bound: the world's true captions of the same
+                                                  # images instead of the model's own (out/phase3_oracle/)
 Best checkpoint by val loss on real held-out text -> out/phase3/best.pt (a full VLM, for phase 4).
 """
 import argparse
@@ -43,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--world_dir", default="data/world")
     p.add_argument("--images", default="", help="a .npy uint8 (N,H,W,3) of unlabeled images; empty = the world's")
     # synthesis
+    p.add_argument("--arm", default="dream", choices=("dream", "oracle"),
+                   help="dream: the model's own captions; oracle: the world's true canonical captions of the same "
+                        "images, the most that dreaming could teach (and the check that the probes can see it)")
     p.add_argument("--n_images", type=int, default=0, help="how many unlabeled images to caption (0 = all)")
     p.add_argument("--captions_per_image", type=int, default=1)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -83,7 +88,11 @@ def parse_args(argv=None):
         raise UserError("--min_logprob must be a number (leave it out for no confidence filter)")
     if args.init not in ("phase2", "phase3", "phase4"):
         raise UserError(f"--init={args.init}: phase 3 needs a model with vision (phase2, phase3 or phase4)")
-    args.out_name = args.out_name or ("phase3_control" if args.synthetic_frac == 0 else "phase3")
+    if args.arm == "oracle" and (args.synthetic_frac == 0 or args.images or args.synthetic):
+        raise UserError("--arm oracle reads the world's own captions of its unlabeled images: it needs "
+                        "--synthetic_frac > 0 and no --images or --synthetic")
+    args.out_name = args.out_name or ("phase3_control" if args.synthetic_frac == 0 else
+                                      "phase3_oracle" if args.arm == "oracle" else "phase3")
     other_phase = args.out_name in ("phase1", "phase2", "phase4", args.init)
     if other_phase or os.path.basename(os.path.normpath(args.out_name)) != args.out_name:  # e.g. ../x, a/b
         raise UserError(f"--out_name={args.out_name} would write over another phase's checkpoints or leave {args.out_dir}; "
@@ -172,7 +181,7 @@ def main(argv=None):
     args = parse_args(argv)
     # a resume must keep what the val loss means (best.pt is chosen by comparing it across the resume)
     run = Run(args, "phase3", args.out_name, ("batch_size", "seq_len", "eval_iters"),
-              command=f"python phase3_synth.py --synthetic_frac {args.synthetic_frac}")
+              command=f"python phase3_synth.py --synthetic_frac {args.synthetic_frac} --arm {args.arm}")
     os.makedirs(run.out, exist_ok=True)
 
     # ---- the phase 2 model, its tokenizer, and phase 1's real text
@@ -199,6 +208,10 @@ def main(argv=None):
     if args.synthetic_frac > 0:
         if args.synthetic:
             rows = read_synthetic(args.synthetic)
+        elif args.arm == "oracle":  # the same images, described by the world itself (canonical caption)
+            ensure_world(args.world_dir, run)
+            truth = load_world_split(args.world_dir, "unlabeled")[1]
+            rows = [{"image": i, "caption": r["captions"][0]} for i, r in enumerate(truth[:args.n_images or None])]
         elif ckpt and os.path.exists(syn_path):
             rows = read_synthetic(syn_path)
         else:
@@ -260,9 +273,9 @@ def main(argv=None):
         best = build_model(load_checkpoint(best_path, "phase3")).to(run.device)
         result = language_scores(best, sp, args.world_dir, run.device)
         result["best_val_loss"] = run.best_val
-        print(f"{args.out_name}: world minimal pairs {100 * result['mp']:.1f}% | on held-out combos "
-              f"{100 * result['mp_heldout']:.1f}% | loss on held-out descriptions {result['desc_loss']:.4f} "
-              f"(held-out-combo lines {result['desc_heldout_loss']:.4f})")
+        print(f"{args.out_name}: language probes (test, chance 50%): existence {100 * result['existence']:.1f}% | "
+              f"relation {100 * result['relation']:.1f}% | syntax {100 * result['syntax']:.1f}%; surprisal gap "
+              f"S {result['gap_s']:+.2f} bits, U {result['gap_u']:+.2f} bits (0 = as expected as a seen pair)")
         write_json_atomic(result, os.path.join(run.out, "results.json"))
     cleanup(run)
 

@@ -44,7 +44,8 @@ LIMITS = {"batch_size": (1, None), "max_steps": (1, None), "warmup": (0, None), 
           "lr_decoder": (("above", 0), None)}
 # --init: folder under out_dir -> (the phase its best.pt holds, the command that makes it)
 INITS = {"phase3": ("phase3", "python phase3_synth.py"), "phase2": ("phase2", "python phase2_caption.py"),
-         "phase3_control": ("phase3", "python phase3_synth.py --synthetic_frac 0")}
+         "phase3_control": ("phase3", "python phase3_synth.py --synthetic_frac 0"),
+         "phase3_oracle": ("phase3", "python phase3_synth.py --arm oracle")}
 
 
 def parse_args(argv=None):

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# From a fresh clone to the results table: build the world, run the four phases (plus the phase 3
-# control without synthetic captions), evaluate every checkpoint, print the table.
+# From a fresh clone to the results table: build the world, run the four phases (plus phase 3's control
+# without synthetic captions and its oracle on the world's true captions), evaluate every checkpoint, print
+# the table.
 #
 #   ./reproduce.sh                       # auto device, everything under out/
 #   ./reproduce.sh --device cpu --quiet  # extra arguments go to every phase script
@@ -48,6 +49,7 @@ step "$PY" phase1_text.py "$@"
 step "$PY" phase2_caption.py "$@"
 step "$PY" phase3_synth.py "$@"
 step "$PY" phase3_synth.py --synthetic_frac 0 "$@"
+step "$PY" phase3_synth.py --arm oracle "$@"
 step "$PY" phase4_vqa.py "$@"
 # shellcheck disable=SC2086  # EVAL_ARGS is a list of words on purpose
 step "$PY" eval.py ${eval_args[@]+"${eval_args[@]}"} ${EVAL_ARGS:-}

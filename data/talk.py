@@ -73,21 +73,19 @@ def _full(o):
     return {"size": o["size"], "color": o["color"], "shape": o["shape"]}
 
 
-def _heldout_free(desc):
-    return (desc.get("color"), desc.get("shape")) not in HELDOUT_COMBOS
-
-
 class _Gen:
     """Sentence makers for one scene. Each returns a true sentence or None when it does not apply.
-    phase1=True keeps to the phase 1 language: no held-out colour+shape pairs, no held-out relation words."""
+    never: colour+shape pairs never to name, not even in a negation or a question (the scene itself holds none
+    of them); phase1=True also keeps to phase 1's relation words (no above/below)."""
 
-    def __init__(self, scene, rng, phase1=False):
-        self.s, self.rng, self.phase1 = scene, rng, phase1
+    def __init__(self, scene, rng, phase1=False, never=frozenset()):
+        self.s, self.rng, self.never = scene, rng, never
         self.objs = scene["objects"]
         self.rels = [r for r in RELATIONS if not (phase1 and r in HELDOUT_RELATION_WORDS)]
 
     def ok(self, desc):
-        return not self.phase1 or _heldout_free(desc)
+        """May this description be said? "the circle is not white" counts as naming a white circle."""
+        return (desc.get("color"), desc.get("shape")) not in self.never
 
     def canonical(self):
         objs = sorted(self.objs, key=lambda o: (o["x"], o["y"]))
@@ -254,9 +252,9 @@ _CAPTION_MAKERS = ("look", "see", "there", "count_all", "negation", "prop", "plu
 _TEXT_MAKERS = _CAPTION_MAKERS + ("canonical", "question", "question")
 
 
-def describe(scene, rng):
-    """3-5 true captions; the first is the canonical full description."""
-    g = _Gen(scene, rng)
+def describe(scene, rng, never=frozenset()):
+    """3-5 true captions; the first is the canonical full description. never: pairs no caption may name."""
+    g = _Gen(scene, rng, never=never)
     caps = [g.canonical()]
     want = rng.randint(3, 5)
     for _ in range(40):
@@ -268,20 +266,22 @@ def describe(scene, rng):
     return caps
 
 
-def mentions_heldout(text):
-    """Does the text name a held-out colour+shape pair or a held-out relation word?"""
+def mentions(text, pairs, words=()):
+    """Does the text name one of these colour+shape pairs ("red circle", "red circles"), or one of the words?"""
     toks = text.split()
-    if any(t in HELDOUT_RELATION_WORDS for t in toks):
+    if any(t in words for t in toks):
         return True
-    for a, b in zip(toks, toks[1:]):
-        if (a, SINGULAR.get(b, b)) in HELDOUT_COMBOS:
-            return True
-    return False
+    return any((a, SINGULAR.get(b, b)) in pairs for a, b in zip(toks, toks[1:]))
 
 
-def text_line(scene, rng, phase1=True):
+def mentions_heldout(text):
+    """Does the text name an S pair (held out of phase 1, named in phase 2) or a held-out relation word?"""
+    return mentions(text, HELDOUT_COMBOS, HELDOUT_RELATION_WORDS)
+
+
+def text_line(scene, rng, phase1=True, never=frozenset()):
     """One line of child-directed talk about a scene: one to three sentences."""
-    g = _Gen(scene, rng, phase1=phase1)
+    g = _Gen(scene, rng, phase1=phase1, never=never)
     n = rng.choice([1, 1, 2, 2, 3])
     out = []
     while len(out) < n:
@@ -289,6 +289,23 @@ def text_line(scene, rng, phase1=True):
         if s:
             out.append(s)
     return " ".join(out)
+
+
+# left of / right of, above / below: each relation and its converse
+CONVERSE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+
+
+def relational_caption(scene, rng):
+    """'a red circle above a blue square . a blue square below a red circle .': one clear relation between two
+    objects and its converse, in the words Winoground items use (colour and shape). Phase 2 learns above/below
+    from these, the only place they are taught. None when no two objects stand clearly apart."""
+    options = [(a, rel, b) for a in scene["objects"] for b in scene["objects"] if a is not b
+               for rel in CONVERSE if relation_holds(rel, a, b) and (a["color"], a["shape"]) != (b["color"], b["shape"])]
+    if not options:
+        return None
+    a, rel, b = rng.choice(options)
+    na, nb = noun_phrase("a", color=a["color"], shape=a["shape"]), noun_phrase("a", color=b["color"], shape=b["shape"])
+    return f"{na} {rel} {nb} . {nb} {CONVERSE[rel]} {na} ."
 
 
 def vocabulary():

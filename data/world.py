@@ -26,7 +26,7 @@ import sys
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: the S/U/F split of colour+shape pairs, relational captions, probes
 
 # ---------------------------------------------------------------------------------------------------------------------
 # What the world is made of (these are words too: data/talk.py says them, data/judge.py keeps its own copy)
@@ -37,8 +37,14 @@ SIZES = ("small", "big")
 POSITIONS = ("left", "right", "top", "bottom", "middle")
 RELATIONS = ("left of", "right of", "above", "below", "next to", "bigger than", "smaller than")
 
-# 12 of the 48 colour+shape pairs are never named in phase 1 text. Every shape loses exactly two colours and every
-# colour loses at most two shapes, so each word on its own is still learnable from phase 1. Fixed, not seeded.
+# The 48 colour+shape pairs fall into four groups (data/WORLD.md), fixed, not seeded:
+#   seen (24): in phase 1 text and everywhere else;
+#   S (12, HELDOUT_COMBOS): never in phase 1 text; phase 2's labeled images show them and its captions name them;
+#   U (6, UNSEEN_COMBOS): in no text and no labeled image; only the unlabeled images phase 3 dreams about, and the
+#     test images, show them. Only a captioner that composes "red" and "circle", learned apart, can name them, and
+#     only phase 3 can then put them into the language;
+#   F (6, FOIL_COMBOS): nowhere, in no image and no text: the foils of the existence probe (U vs F).
+# Every shape loses two colours to S and every colour at most two shapes, so each word is learnable from phase 1.
 HELDOUT_COMBOS = frozenset({
     ("yellow", "circle"), ("purple", "circle"),
     ("white", "square"), ("orange", "square"),
@@ -47,8 +53,17 @@ HELDOUT_COMBOS = frozenset({
     ("blue", "star"), ("yellow", "star"),
     ("green", "cross"), ("purple", "cross"),
 })
+# U and F come in three 2x2 blocks of two colours and two shapes: U takes one diagonal, F the other. So every
+# colour and every shape word of U is in F exactly once too, and no word frequency tells a U pair from an F pair.
+_BLOCKS = ((("red", "white"), ("circle", "triangle")), (("orange", "black"), ("star", "diamond")),
+           (("yellow", "blue"), ("square", "cross")))
+UNSEEN_COMBOS = frozenset(p for (a, b), (x, y) in _BLOCKS for p in ((a, x), (b, y)))
+FOIL_COMBOS = frozenset(p for (a, b), (x, y) in _BLOCKS for p in ((a, y), (b, x)))
 # The vertical relation pair is held out: phase 1 text never contains these words at all.
 HELDOUT_RELATION_WORDS = ("above", "below")
+# What phase 1 text never shows in its scenes nor says; what the labeled (phase 2 and 4) splits never show nor say
+PHASE1_NEVER = HELDOUT_COMBOS | UNSEEN_COMBOS | FOIL_COMBOS
+LABELED_NEVER = UNSEEN_COMBOS | FOIL_COMBOS
 
 RGB = {"red": (215, 35, 35), "green": (35, 165, 55), "blue": (40, 80, 230), "yellow": (250, 215, 30),
        "black": (15, 15, 15), "white": (245, 245, 245), "orange": (250, 135, 15), "purple": (145, 45, 185)}
@@ -65,6 +80,9 @@ IMAGE_SPLITS = {  # name: (default count, bucket range)
     "caption_val": (1000, (80, 85)), "vqa_val": (500, (85, 90)),
     "caption_test": (1000, (90, 95)), "vqa_test": (1000, (95, 100)),
 }
+# The pairs each image split never shows and never says: labeled images never hold a U pair, and F is nowhere.
+SPLIT_NEVER = {s: FOIL_COMBOS if s in ("unlabeled", "caption_test", "vqa_test") else LABELED_NEVER
+               for s in IMAGE_SPLITS}
 EVAL_BUCKETS = (80, 100)   # winoground images: never a training bucket
 TEXT_COUNTS = {"text_train": 150000, "text_val": 5000, "descriptions_test": 3000}
 
@@ -124,15 +142,15 @@ def _make_object(shape, color, size, x, y):
     return {"shape": shape, "color": color, "size": size, "x": x, "y": y, "position": position_word(x, y)}
 
 
-def sample_scene(rng, allow_heldout=True, force_heldout=False, buckets=None):
-    """1-4 objects on a grey-ish background. allow_heldout=False never uses a held-out colour+shape pair;
-    force_heldout=True makes the first object one; buckets=(lo, hi) keeps only scenes whose content hash
-    bucket is in [lo, hi). What the scene shows is drawn first, so unwanted buckets are rejected cheaply."""
+def sample_scene(rng, never=frozenset(), force=None, buckets=None):
+    """1-4 objects on a grey-ish background. never: colour+shape pairs that must not appear; force: a list of
+    pairs, the first object is one of them; buckets=(lo, hi) keeps only scenes whose content hash bucket is in
+    [lo, hi). What the scene shows is drawn first, so unwanted buckets are rejected cheaply."""
     while True:
         content = []   # (shape, color, size, (row, col))
         for k in range(rng.randint(1, 4)):
-            if k == 0 and force_heldout:
-                color, shape = rng.choice(sorted(HELDOUT_COMBOS))
+            if k == 0 and force:
+                color, shape = rng.choice(sorted(force))
             else:
                 shape, color = rng.choice(SHAPES), rng.choice(COLORS)
                 # copy an attribute now and then, so counting questions have something to count
@@ -140,7 +158,7 @@ def sample_scene(rng, allow_heldout=True, force_heldout=False, buckets=None):
                     shape = rng.choice(content)[0]
                 if content and rng.random() < 0.25:
                     color = rng.choice(content)[1]
-            if allow_heldout or (color, shape) not in HELDOUT_COMBOS:
+            if (color, shape) not in never:
                 content.append((shape, color, rng.choice(SIZES), (rng.randrange(3), rng.randrange(3))))
         if not content:
             continue
@@ -238,7 +256,7 @@ def render(scene, size=32):
 def split_scene(seed, split, index):
     """The scene for one image of one split: resampled until its content hash falls in the split's buckets."""
     rng = _rng(seed, split, index)
-    return sample_scene(rng, buckets=IMAGE_SPLITS[split][1]), rng
+    return sample_scene(rng, never=SPLIT_NEVER[split], buckets=IMAGE_SPLITS[split][1]), rng
 
 
 def _count(default, scale):
@@ -273,20 +291,22 @@ def contact_sheet(path, images, captions, size):
 
 
 def _text_chunk(job):
-    """Lines [lo, hi) of a text split. Phase 1 text: scenes without held-out pairs, talked about without
-    held-out words. descriptions_test: test-bucket scenes, every other one with a held-out pair in it."""
-    from data.talk import mentions_heldout, text_line   # here, not at the top: data.talk imports this module
+    """Lines [lo, hi) of a text split. Phase 1 text: scenes without S, U or F pairs, talked about without naming
+    them or the held-out relation words. descriptions_test: test-bucket scenes, every other one with an S or U
+    pair in it, never an F pair."""
+    from data.talk import mentions, text_line   # here, not at the top: data.talk imports this module
     seed, split, lo, hi = job
     lines = []
     for i in range(lo, hi):
         rng = _rng(seed, split, i)
         if split == "descriptions_test":
-            scene = sample_scene(rng, force_heldout=i % 2 == 1, buckets=IMAGE_SPLITS["caption_test"][1])
-            lines.append(text_line(scene, rng, phase1=False))
+            scene = sample_scene(rng, never=FOIL_COMBOS, force=(HELDOUT_COMBOS | UNSEEN_COMBOS) if i % 2 else None,
+                                 buckets=IMAGE_SPLITS["caption_test"][1])
+            lines.append(text_line(scene, rng, never=FOIL_COMBOS, phase1=False))
             continue
-        line = text_line(sample_scene(rng, allow_heldout=False), rng, phase1=True)
-        while mentions_heldout(line):   # safety net; the phase 1 generator should never get here
-            line = text_line(sample_scene(rng, allow_heldout=False), rng, phase1=True)
+        line = text_line(sample_scene(rng, never=PHASE1_NEVER), rng, never=PHASE1_NEVER, phase1=True)
+        while mentions(line, PHASE1_NEVER, HELDOUT_RELATION_WORDS):   # safety net; never reached
+            line = text_line(sample_scene(rng, never=PHASE1_NEVER), rng, never=PHASE1_NEVER, phase1=True)
         lines.append(line)
     return lines
 
@@ -294,16 +314,20 @@ def _text_chunk(job):
 def _image_chunk(job):
     """Images [lo, hi) of an image split -> (uint8 images, jsonl lines of records, jsonl lines of questions)."""
     from data.benchmarks import make_questions
-    from data.talk import describe
+    from data.talk import describe, relational_caption
     seed, split, lo, hi, size = job
     images = np.zeros((hi - lo, size, size, 3), np.uint8)
     records, qas = [], []
     for i in range(lo, hi):
         scene, rng = split_scene(seed, split, i)
         images[i - lo] = render(scene, size)
-        records.append(json.dumps({"id": i, "scene": scene, "captions": describe(scene, rng)}))
+        never = SPLIT_NEVER[split]
+        rec = {"id": i, "scene": scene, "captions": describe(scene, rng, never)}
+        if split.startswith("caption"):  # phase 2 learns above/below from these (None: no clear relation)
+            rec["relation"] = relational_caption(scene, rng)
+        records.append(json.dumps(rec))
         if split.startswith("vqa"):
-            qas += [json.dumps(dict(image=i, **q)) for q in make_questions(scene, rng)]
+            qas += [json.dumps(dict(image=i, **q)) for q in make_questions(scene, rng, never)]
     return images, records, qas
 
 
@@ -360,8 +384,8 @@ def build(out_dir, seed=0, scale=1.0, size=32, progress=None):
 def _build_into(out_dir, seed, scale, size, progress):
     from tqdm import tqdm
 
-    from data.benchmarks import PARADIGMS, QA_TYPES, minimal_pairs, winoground
-    from data.talk import NUM_WORDS, mentions_heldout, vocabulary
+    from data.benchmarks import PARADIGMS, PROBES, QA_TYPES, minimal_pairs, probes, sentences, winoground
+    from data.talk import NUM_WORDS, mentions, vocabulary
     os.makedirs(out_dir, exist_ok=True)
     counts = {name: _count(n, scale) for name, n in TEXT_COUNTS.items()}
     counts.update({name: _count(n, scale) for name, (n, _) in IMAGE_SPLITS.items()})
@@ -392,7 +416,9 @@ def _build_into(out_dir, seed, scale, size, progress):
             _write_lines(os.path.join(out_dir, f"{split}.txt"), lines)
             if split == "descriptions_test":
                 _write_lines(os.path.join(out_dir, "descriptions_test_heldout.txt"),
-                             [x for x in lines if mentions_heldout(x)])
+                             [x for x in lines if mentions(x, HELDOUT_COMBOS | UNSEEN_COMBOS, HELDOUT_RELATION_WORDS)])
+            if split == "text_train":  # no probe or minimal pair may be a sentence phase 1 read verbatim
+                phase1_sentences = {x for line in lines for x in sentences(line)}
         # For the vqa splits, vqa_*.jsonl holds the questions (one per line), so their per-image records go to
         # vqa_*_scenes.jsonl instead.
         sheet = None
@@ -414,18 +440,23 @@ def _build_into(out_dir, seed, scale, size, progress):
             pool.join()
     bar.close()
 
-    pairs = minimal_pairs(seed, scale)
+    pairs = minimal_pairs(seed, scale, phase1_sentences)
     _write_lines(os.path.join(out_dir, "minimal_pairs.jsonl"), [json.dumps(p) for p in pairs])
+    probe_items = probes(seed, scale, phase1_sentences)
+    _write_lines(os.path.join(out_dir, "probes.jsonl"), [json.dumps(p) for p in probe_items])
     items, wino_images = winoground(seed, scale, size)
     np.save(os.path.join(out_dir, "winoground_images.npy"), wino_images)
     _write_lines(os.path.join(out_dir, "winoground.jsonl"), [json.dumps(x) for x in items])
     contact_sheet(os.path.join(out_dir, "contact_sheet.png"), *sheet, size)
 
     meta = {"format_version": FORMAT_VERSION, "seed": seed, "scale": scale, "size": size, "counts": counts,
-            "minimal_pairs": len(pairs), "winoground": len(items),
+            "minimal_pairs": len(pairs), "probes": {k: sum(p["probe"] == k for p in probe_items) for k in PROBES},
+            "winoground": len(items),
             "shapes": SHAPES, "colors": COLORS, "sizes": SIZES, "positions": POSITIONS, "relations": RELATIONS,
             "numbers": NUM_WORDS, "vocabulary": vocabulary(), "qa_types": QA_TYPES, "paradigms": PARADIGMS,
             "heldout_combos": [f"{c} {s}" for c, s in sorted(HELDOUT_COMBOS)],
+            "unseen_combos": [f"{c} {s}" for c, s in sorted(UNSEEN_COMBOS)],
+            "foil_combos": [f"{c} {s}" for c, s in sorted(FOIL_COMBOS)],
             "heldout_relations": list(HELDOUT_RELATION_WORDS)}
     # meta.json last: its presence means the build finished
     with open(os.path.join(out_dir, "meta.json"), "w") as f:
@@ -503,11 +534,13 @@ def main(argv=None):
 # ---------------------------------------------------------------------------------------------------------------------
 _MOVED = {
     "data.talk": ("NUM_WORDS", "GENERIC_NOUNS", "plural", "SG_NOUNS", "PL_NOUNS", "SINGULAR", "PP_PHRASE",
-                  "noun_phrase", "referring", "the", "describe", "mentions_heldout", "text_line", "vocabulary"),
+                  "noun_phrase", "referring", "the", "describe", "mentions", "mentions_heldout", "text_line",
+                  "CONVERSE", "relational_caption", "vocabulary"),
     "data.judge": ("is_grammatical", "parse_claims", "claim_true", "check_caption", "caption_quality",
                    "normalize_answer"),
     "data.benchmarks": ("QA_TYPES", "make_questions", "PARADIGMS", "PAIRS_PER_PARADIGM", "WINOGROUND_ITEMS",
-                        "minimal_pairs", "winoground"),
+                        "minimal_pairs", "winoground", "SEEN_COMBOS", "PROBES", "PROBE_ITEMS", "probes", "sentences",
+                        "val_or_test"),
 }
 _HOME = {name: module for module, names in _MOVED.items() for name in names}
 

@@ -136,9 +136,10 @@ def test_winoground_scores_on_overfit_vlm(sp):
     assert loss < 0.05
     right = {"image_0": 0, "image_1": 1, "caption_0": "red blue .", "caption_1": "blue red ."}
     swapped = {"image_0": 0, "image_1": 1, "caption_0": "blue red .", "caption_1": "red blue ."}
-    assert ev.winoground(vlm, sp, [right], imgs) == {"text": 1.0, "image": 1.0, "group": 1.0}
-    assert ev.winoground(vlm, sp, [swapped], imgs) == {"text": 0.0, "image": 0.0, "group": 0.0}
-    assert ev.winoground(vlm, sp, [right, swapped, right, right], imgs) == {"text": 0.75, "image": 0.75, "group": 0.75}
+    assert ev.winoground(vlm, sp, [right], imgs) == {"text": 1.0, "image": 1.0, "group": 1.0, "right": [1]}
+    assert ev.winoground(vlm, sp, [swapped], imgs) == {"text": 0.0, "image": 0.0, "group": 0.0, "right": [0]}
+    assert ev.winoground(vlm, sp, [right, swapped, right, right], imgs) == {"text": 0.75, "image": 0.75, "group": 0.75,
+                                                                             "right": [1, 0, 1, 1]}
 
 
 def test_bleu4_hand_cases():

@@ -78,7 +78,7 @@ def test_eval_prints_baselines_beside_the_model(tmp_path, capsys):
 
 def test_eval_world_minimal_pairs_get_baselines_from_the_worlds_text(tmp_path, capsys):
     """A phase 1 on the built-in world (data.json source "world:DIR"): the baselines read DIR/text_train.txt and
-    score the world's minimal pairs, seen and held-out, in the main table and per paradigm."""
+    score the world's probes and minimal pairs, in the main table and per paradigm."""
     from data.world import build
     world = str(tmp_path / "world")
     build(world, seed=0, scale=0.005, size=16, progress=False)
@@ -97,8 +97,8 @@ def test_eval_world_minimal_pairs_get_baselines_from_the_worlds_text(tmp_path, c
     saved = json.loads((out / "eval.json").read_text())
     tri = next(b for b in saved["baselines"] if b["name"] == "trigram")
     assert tri["source"] == "world:" + world
-    assert tri["metrics"]["world_mp"] > 0.5 and tri["metrics"]["world_mp_heldout"] is not None
-    assert tri["metrics"]["blimp"] is None and tri["metrics"]["bpb"] is None
-    assert "| trigram |" in printed.split("Results")[1] and "| chance | 0.500 | 0.500 | n/a |" in printed
+    assert tri["metrics"]["syntax"] > 0.5 and tri["metrics"]["existence"] is not None
+    assert tri["metrics"]["relation"] is not None and tri["metrics"]["blimp"] is None and tri["metrics"]["gap_s"] is None
+    assert "| trigram |" in printed.split("Results")[1] and "| chance | 0.500 | 0.500 | 0.500 | n/a |" in printed
     assert "World minimal pairs per paradigm" in printed
     assert "| paradigm | phase1 | unigram | bigram | trigram | chance |" in printed.split("World minimal pairs per paradigm")[1]

@@ -357,7 +357,9 @@ def test_test_descriptions_cover_heldout_parts(w):
     held = lines(w, "descriptions_test_heldout.txt")
     assert all(W.is_grammatical(x) for x in desc)
     assert held and set(held) <= set(desc)
-    assert all(W.mentions_heldout(x) for x in held)
+    assert all(W.mentions(x, W.HELDOUT_COMBOS | W.UNSEEN_COMBOS, W.HELDOUT_RELATION_WORDS) for x in held)
+    assert any(W.mentions(x, W.UNSEEN_COMBOS) for x in held) and any(W.mentions(x, W.HELDOUT_COMBOS) for x in held)
+    assert not any(W.mentions(x, W.FOIL_COMBOS) for x in desc)
     assert any(("above" in x.split() or "below" in x.split()) for x in held)
 
 
