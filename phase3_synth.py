@@ -212,6 +212,8 @@ def main(argv=None):
             ensure_world(args.world_dir, run)
             truth = load_world_split(args.world_dir, "unlabeled")[1]
             rows = [{"image": i, "caption": r["captions"][0]} for i, r in enumerate(truth[:args.n_images or None])]
+            if run.master:  # the same readable corpus file as a dream's, for a side-by-side look
+                write_synthetic(rows, syn_path)
         elif ckpt and os.path.exists(syn_path):
             rows = read_synthetic(syn_path)
         else:

@@ -263,3 +263,87 @@ def test_chart_draws_a_tiny_value(tmp_path):
     with Image.open(path) as img:
         assert img.size == (640, 360)
         assert max(bar_heights(img, (52, 101, 164))) >= 1
+
+
+# --- the world's language probes and fair vision-language scores -------------------------------------------------------
+def world_meta():
+    from data import world as W
+    return {"colors": list(W.COLORS), "shapes": list(W.SHAPES), "sizes": list(W.SIZES),
+            "heldout_combos": [f"{c} {s}" for c, s in sorted(W.HELDOUT_COMBOS)],
+            "unseen_combos": [f"{c} {s}" for c, s in sorted(W.UNSEEN_COMBOS)],
+            "foil_combos": [f"{c} {s}" for c, s in sorted(W.FOIL_COMBOS)]}
+
+
+@pytest.fixture(scope="module")
+def pair_models(tmp_path_factory):
+    """Two tiny decoders on `there is a <size> <colour> <shape> .`: one read the seen pairs only, one the U pairs
+    too. -> (tokenizer, decoder that never heard U, decoder that did)."""
+    from data import world as W
+    from data.talk import noun_phrase
+    seen = [(c, s) for c in W.COLORS for s in W.SHAPES if (c, s) not in W.PHASE1_NEVER]
+    say = lambda pairs: [f"there is {noun_phrase('a', z, c, s)} ." for c, s in pairs for z in W.SIZES]  # noqa: E731
+    path = str(tmp_path_factory.mktemp("pairs") / "tokenizer.model")
+    sp = tk.train_tokenizer(say(seen + sorted(W.UNSEEN_COMBOS | W.HELDOUT_COMBOS | W.FOIL_COMBOS)) * 4, path,
+                            vocab_size=300)
+    models = []
+    for lines in (say(seen), say(seen + sorted(W.UNSEEN_COMBOS))):
+        torch.manual_seed(0)
+        dec = tiny_decoder(sp)
+        x, y = padded_targets([ev.encode_sentence(sp, l) for l in lines])
+        train_on(dec, lambda: dec(x, y)[1], 150, lr=1e-2)
+        models.append(dec)
+    return sp, models[0], models[1]
+
+
+def test_surprisal_gap_sees_which_pairs_a_decoder_heard(pair_models):
+    sp, never, heard = pair_models
+    g0, g1 = ev.surprisal_gaps(never, sp, world_meta(), "cpu"), ev.surprisal_gaps(heard, sp, world_meta(), "cpu")
+    assert g0["gap_u"] > 1.0 and g0["gap_s"] > 1.0   # bits: a shape never said after its colour is a surprise
+    assert abs(g1["gap_u"]) < 0.5 and g1["gap_s"] > 1.0   # heard U, not S
+
+
+def test_productive_vocabulary_counts_the_u_pairs_a_decoder_says(pair_models):
+    sp, never, heard = pair_models
+    p0 = ev.productive_vocabulary(never, sp, world_meta(), n=200, seed=0)
+    p1 = ev.productive_vocabulary(heard, sp, world_meta(), n=200, seed=0)
+    assert p0["u_said"] == 0 and p0["u_lines"] == 0
+    assert p1["u_said"] > 0.5 and p1["u_lines"] > 0.05
+    assert p0["grammatical"] > 0.8 and p1["grammatical"] > 0.8
+
+
+def test_u_naming_counts_u_objects_named_by_colour_and_shape():
+    obj = lambda c, s: {"color": c, "shape": s, "size": "big", "x": 0.5, "y": 0.5}  # noqa: E731
+    scenes = [{"objects": [obj("red", "circle"), obj("green", "square")]},   # red circle is a U pair
+              {"objects": [obj("red", "circle"), obj("white", "triangle")]},  # two U objects
+              {"objects": [obj("green", "square")]}]                          # none
+    caps = ["two objects : a big red circle and a big green square .", "there are two red circles .",
+            "a red circle ."]
+    unseen = world_meta()["unseen_combos"]
+    assert ev.u_naming(caps, scenes, unseen) == pytest.approx(2 / 3)  # the white triangle is not named
+    assert ev.u_naming(caps[2:], scenes[2:], unseen) is None   # no U object: n/a, not 0
+
+
+class FixedLM(torch.nn.Module):
+    """A stand-in VLM whose next-token distribution is the same everywhere: p(token) = probs[token]."""
+    def __init__(self, probs):
+        super().__init__()
+        self.logits = torch.log(torch.tensor(probs))
+
+    def all_logits(self, images, idx):
+        return self.logits.expand(idx.size(0), idx.size(1), -1)
+
+
+def test_ranking_by_mean_log_prob_picks_a_longer_right_answer_the_sum_misses(sp):
+    right, wrong = "the red circle", "no"
+    r_ids, w_ids = ev.vqa_answer_ids(sp, right), ev.vqa_answer_ids(sp, wrong)
+    V = sp.get_piece_size()
+    probs = np.full(V, 1e-3)
+    probs[list(set(r_ids))] = 0.3    # every token of the right answer (and EOS) is likely ...
+    probs[[t for t in w_ids if t not in r_ids]] = 0.05   # ... the wrong answer's own token less so
+    probs /= probs.sum()
+    model = FixedLM(probs)
+    images = np.zeros((1, 8, 8, 3), np.uint8)
+    summed = ev.vqa_rank(model, sp, images, ["what is it ?"], [[wrong, right]], per_token=False)
+    mean = ev.vqa_rank(model, sp, images, ["what is it ?"], [[wrong, right]])
+    assert len(r_ids) > len(w_ids) and summed == [wrong]   # the premise: the sum favours the short answer
+    assert mean == [right]

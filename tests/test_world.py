@@ -548,3 +548,130 @@ def test_judge_geometry_agrees_with_the_world():
             assert J._related(rel, a, b) == W.relation_holds(rel, a, b), (rel, a, b)
             held[rel] += W.relation_holds(rel, a, b)
     assert min(held.values()) > 100   # every relation was seen to hold, not just to fail
+
+
+# --- the S / U / F split of colour+shape pairs (issue: an experiment that can see what dreaming adds) ---------------
+S, U, F = W.HELDOUT_COMBOS, W.UNSEEN_COMBOS, W.FOIL_COMBOS
+PAIR = re.compile(r"\b(%s) (%s)(?:s|es)?\b" % ("|".join(W.COLORS), "|".join(W.SHAPES)))
+
+
+def said(text):
+    """Every colour+shape pair a text names, read with this test's own pattern ('red circles' -> red circle)."""
+    return {(c, s) for c, s in PAIR.findall(text)}
+
+
+def shown(scene):
+    return {(o["color"], o["shape"]) for o in scene["objects"]}
+
+
+def test_the_pair_groups_are_disjoint_and_word_matched():
+    assert len(S) == 12 and len(U) == len(F) == 6 and not (S & U or S & F or U & F)
+    seen = {(c, s) for c in W.COLORS for s in W.SHAPES} - S - U - F
+    # F uses exactly U's words, each as often: no word frequency tells a U pair from an F pair
+    assert collections.Counter(c for c, _ in U) == collections.Counter(c for c, _ in F)
+    assert collections.Counter(s for _, s in U) == collections.Counter(s for _, s in F)
+    for color in W.COLORS:   # each word is still learnable from phase 1 text
+        assert any((color, s) in seen for s in W.SHAPES)
+    for shape in W.SHAPES:
+        assert sum((c, shape) in seen for c in W.COLORS) >= 2
+
+
+def test_u_and_f_pairs_are_where_they_should_be(w):
+    """Checked against the scene dicts: U pairs never in phase 1 text nor in a labeled image or its captions or
+    questions; F pairs in no image and no text at all; U pairs do occur in unlabeled and test images."""
+    for name in ("text_train.txt", "text_val.txt"):
+        for line in lines(w, name):
+            assert not said(line) & (S | U | F), line
+    for split in IMAGE_SPLITS:
+        recs = records(w, split)
+        labeled = split in ("caption_train", "caption_val", "vqa_train", "vqa_val")
+        never = U | F if labeled else F
+        for r in recs:
+            assert not shown(r["scene"]) & never, (split, r["scene"])
+            for text in r["captions"] + [r.get("relation") or ""]:
+                assert not said(text) & never, (split, text)
+        if split.startswith("vqa"):
+            for q in read_jsonl(os.path.join(w, f"{split}.jsonl")):
+                assert not said(q["question"] + " " + q["answer"]) & never, (split, q)
+        if split in ("unlabeled", "caption_test", "vqa_test"):
+            assert any(shown(r["scene"]) & U for r in recs), split
+    assert sum(bool(shown(r["scene"]) & U) for r in records(w, "unlabeled")) > 0.15 * len(records(w, "unlabeled"))
+    for line in lines(w, "descriptions_test.txt"):
+        assert not said(line) & F, line
+    for item in read_jsonl(os.path.join(w, "winoground.jsonl")):
+        for sc in item["scenes"]:
+            assert not shown(sc) & (U | F), item
+        assert not said(item["caption_0"] + " " + item["caption_1"]) & (U | F), item
+
+
+REL_CAPTION = re.compile(r"^an? (\w+) (\w+) (left of|right of|above|below) an? (\w+) (\w+) \. "
+                         r"an? (\w+) (\w+) (left of|right of|above|below) an? (\w+) (\w+) \.$")
+GAP = 0.2   # how far apart two centres must be along an axis for a relation to be clear (the world's REL_MARGIN)
+
+
+def clearly(rel, a, b):
+    """Is object a <rel> object b, recomputed here from the coordinates (y grows downwards)?"""
+    dx, dy = b["x"] - a["x"], b["y"] - a["y"]
+    return {"left of": dx > GAP, "right of": -dx > GAP, "above": dy > GAP, "below": -dy > GAP}[rel]
+
+
+def test_relational_captions_are_true_and_state_the_converse(w):
+    converse = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+    n = vertical = 0
+    for r in records(w, "caption_train"):
+        cap = r.get("relation")
+        if cap is None:
+            continue
+        m = REL_CAPTION.match(cap)
+        assert m, cap
+        c1, s1, rel, c2, s2, d2, t2, rel2, d1, t1 = m.groups()
+        assert (d2, t2, d1, t1, rel2) == (c2, s2, c1, s1, converse[rel]), cap
+        objs = r["scene"]["objects"]
+        assert any(clearly(rel, a, b) for a in objs for b in objs if (a["color"], a["shape"]) == (c1, s1)
+                   and (b["color"], b["shape"]) == (c2, s2) and a is not b), (cap, r["scene"])
+        assert W.is_grammatical(cap), cap
+        n += 1
+        vertical += rel in ("above", "below")
+    assert n > 100 and 0.25 < vertical / n < 0.75
+
+
+def test_probes_are_well_formed_balanced_and_never_phase1_lines(w):
+    probes = read_jsonl(os.path.join(w, "probes.jsonl"))
+    pairs = read_jsonl(os.path.join(w, "minimal_pairs.jsonl"))
+    phase1 = {s for line in lines(w, "text_train.txt") for s in re.findall(r"[^.!?]*[.!?]", line)}
+    phase1 = {s.strip() for s in phase1}
+    for p in probes + pairs:
+        assert p["split"] in ("val", "test") and W.is_grammatical(p["sentence_good"]), p
+        assert p["sentence_good"] not in phase1, p
+    for p in pairs:   # no foil made by swapping the noun with the final "?"
+        assert not p["sentence_bad"].endswith("? " + p["sentence_good"].split()[-2]), p
+    ex = [p for p in probes if p["probe"] == "existence"]
+    for p in ex:
+        good, bad = said(p["sentence_good"]), said(p["sentence_bad"])
+        assert len(good & U) == 1 and len(bad & F) == 1 and not good & F and not bad & U, p
+        g, b = p["sentence_good"].split(), p["sentence_bad"].split()
+        assert len(g) == len(b) and sum(x != y for x, y in zip(g, b)) <= 2, p   # the pair word (and a/an)
+    # every U pair and every word appears on the good side about as often as on the bad side
+    good_words = collections.Counter(x for p in ex for x in p["sentence_good"].split())
+    bad_words = collections.Counter(x for p in ex for x in p["sentence_bad"].split())
+    for word in W.COLORS + W.SHAPES:
+        assert abs(good_words[word] - bad_words[word]) <= 0.5 * max(good_words[word], 8), word
+    rel = [p for p in probes if p["probe"] == "relation"]
+    assert rel and {p["UID"] for p in rel} == {"relation_vertical", "relation_horizontal"}
+    for p in rel:
+        g, b = p["sentence_good"].split(), p["sentence_bad"].split()
+        assert len(g) == len(b) and sum(x != y for x, y in zip(g, b)) in (1, 2), p
+    for group in (ex, rel, pairs):
+        assert 0.15 < sum(p["split"] == "val" for p in group) / len(group) < 0.35
+
+
+def test_existence_probe_is_at_chance_for_phase1_text_and_solved_by_text_that_names_u(w):
+    """A word trigram model of phase 1's text cannot tell U from F; one that also heard a sentence about each U
+    pair can: the probe measures exactly what dreaming could add."""
+    from eval import NGram, ngram_minimal_pairs
+    ex = [p for p in read_jsonl(os.path.join(w, "probes.jsonl")) if p["probe"] == "existence"]
+    text = lines(w, "text_train.txt")
+    assert abs(ngram_minimal_pairs(NGram(text, 3), ex)["macro"] - 0.5) < 0.1
+    rng = random.Random(0)   # phase 1's kind of talk, about scenes that hold U pairs
+    heard = text + [W.text_line(W.sample_scene(rng, never=S | F, force=U), rng, never=S | F) for _ in range(len(text) // 3)]
+    assert ngram_minimal_pairs(NGram(heard, 3), ex)["macro"] > 0.9
