@@ -172,6 +172,13 @@ def to_device(run, *tensors):
     return [t.to(run.device) for t in tensors]
 
 
+def token_weighted(loss, n_tokens, run):
+    """Under DDP, a rank's mean loss weighed by its share of the global batch's target tokens: ranks whose rows
+    differ in length (captions, answers) then average, through DDP, to the mean over every token, as one
+    process would compute it. The loss itself when there is one process."""
+    return loss * (n_tokens / all_reduce_mean(float(n_tokens), run)) if run.ddp else loss
+
+
 def grad_sync(dmodel, run, on):
     """DDP all-reduces gradients in backward only when `on` (the last micro-batch of a step). A flag, not
     the no_sync() context, so the training step reads the same with or without DDP."""

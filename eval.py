@@ -546,6 +546,99 @@ def minimal_pair_baselines(args, ckpts, data, log=print):
     return rows
 
 
+# ---- Several seeds: means, sds, and paired bootstrap intervals over test items
+#
+# A difference between two rows of one run means little: a test set of a few hundred items moves a score by
+# several points, and so does the training seed. So eval.py --compare reads the eval.json of each seed and, for
+# each contrast (say phase3 - phase3_control), takes every test item's score difference averaged over the seeds,
+# and resamples the items (within each paradigm, as the macro average weighs them) to get a 95% interval.
+
+CONTRASTS = (("phase2", "phase1"), ("phase3", "phase2"), ("phase3", "phase3_control"), ("phase3", "phase3_continued"),
+             ("phase3", "phase3_oracle"), ("phase3_oracle", "phase2"), ("phase4", "phase3"),
+             ("phase4", "phase4_control"))
+
+def paired_draws(a, b, groups=None, n_boot=2000, rng=None):
+    """a, b: (seeds, items) scores of two rows on the same test items. -> (the difference of their macro means,
+    n_boot bootstrap draws of it). Each item's difference is first averaged over the seeds; groups (each item's
+    paradigm) make the statistic the mean over paradigms, and items are resampled within their paradigm."""
+    rng = rng or np.random.default_rng(0)
+    d = (np.asarray(a, dtype=float) - np.asarray(b, dtype=float)).mean(0)  # (items,)
+    g = np.zeros(len(d), dtype=int) if groups is None else np.unique(groups, return_inverse=True)[1]
+    parts = [d[g == j] for j in range(g.max() + 1)]
+    draws = np.mean([p[rng.integers(0, len(p), (n_boot, len(p)))].mean(1) for p in parts], axis=0)
+    return float(np.mean([p.mean() for p in parts])), draws
+
+
+def bootstrap_diff(a, b, groups=None, n_boot=2000, seed=0):
+    """-> (mean difference, 2.5% and 97.5% percentiles of its bootstrap draws): a paired 95% interval."""
+    point, draws = paired_draws(a, b, groups, n_boot, np.random.default_rng(seed))
+    return point, float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
+
+
+def compare_seeds(args):
+    """eval.py --compare A/eval.json B/eval.json ...: print and save seeds.json and a chart with error bars."""
+    from common import UserError, read_json, write_json_atomic
+    runs = [read_json(p) for p in args.compare]
+    rows = {}  # name -> list of (metrics, items), one per file that holds the row
+    groups = {}
+    for path, r in zip(args.compare, runs):
+        if not isinstance(r, dict) or "results" not in r:
+            raise UserError(f"{path} is not an eval.py results file")
+        groups.update(r.get("item_groups", {}))
+        for row in r["results"]:
+            rows.setdefault(row["name"], []).append((row["metrics"], row["detail"].get("items", {})))
+    keys = [k for k, _ in COLUMNS if any(m.get(k) is not None for v in rows.values() for m, _ in v)]
+    summary = {}
+    for name, v in rows.items():
+        summary[name] = {"seeds": len(v), "mean": {}, "sd": {}}
+        for k in keys:
+            vals = [m[k] for m, _ in v if m.get(k) is not None]
+            if vals:
+                summary[name]["mean"][k] = float(np.mean(vals))
+                summary[name]["sd"][k] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+    header = ["checkpoint", "seeds"] + [h for k, h in COLUMNS if k in keys]
+    table = [[n, str(s["seeds"])] + [f"{s['mean'][k]:.3f} ± {s['sd'][k]:.3f}" if k in s["mean"] else "n/a"
+                                     for k in keys] for n, s in summary.items()]
+    print(f"\nMeans ± sd over seeds ({', '.join(args.compare)})\n")
+    print(markdown_table(header, table))
+
+    def items(name, key):  # (seeds, items); a row run once is the same in every seed
+        v = [it[key] for _, it in rows[name] if key in it]
+        return v if v and all(len(x) == len(v[0]) and None not in x for x in v) else None
+
+    contrasts = {}
+    for a, b in CONTRASTS:
+        if a not in rows or b not in rows:
+            continue
+        out, draws = {}, {}
+        rng = np.random.default_rng(args.seed)  # one stream: each benchmark's items resampled independently
+        for key in PROBE_KEYS + VL_KEYS:
+            A, B = items(a, key), items(b, key)
+            if A is None or B is None:
+                continue
+            n = max(len(A), len(B))  # pair seed k with seed k; a row run once repeats
+            A, B = [A[i % len(A)] for i in range(n)], [B[i % len(B)] for i in range(n)]
+            point, draws[key] = paired_draws(A, B, groups.get(key), rng=rng)
+            out[key] = (point, float(np.percentile(draws[key], 2.5)), float(np.percentile(draws[key], 97.5)))
+        for avg, parts in (("language_avg", PROBE_KEYS), ("vl_avg", VL_KEYS)):
+            if all(k in out for k in parts):  # an average's draws: the mean of its parts' draws
+                d = np.mean([draws[k] for k in parts], axis=0)
+                out[avg] = (float(np.mean([out[k][0] for k in parts])), float(np.percentile(d, 2.5)),
+                            float(np.percentile(d, 97.5)))
+        contrasts[f"{a} - {b}"] = out
+    ckeys = [k for k in PROBE_KEYS + VL_KEYS + ("language_avg", "vl_avg") if any(k in c for c in contrasts.values())]
+    print("\nPaired differences, mean over seeds [95% bootstrap interval over test items]\n")
+    print(markdown_table(["contrast"] + [dict(COLUMNS)[k] for k in ckeys],
+                         [[c] + [f"{v[k][0]:+.3f} [{v[k][1]:+.3f}, {v[k][2]:+.3f}]" if k in v else "n/a" for k in ckeys]
+                          for c, v in contrasts.items()]))
+    out_json = args.json if args.json != os.path.join(args.out_dir, "eval.json") else \
+        os.path.join(os.path.dirname(os.path.abspath(args.compare[0])), "..", "seeds.json")
+    chart = os.path.splitext(out_json)[0] + ".png" if not args.chart or args.chart == os.path.join(args.out_dir, "eval.png") else args.chart
+    write_json_atomic({"files": args.compare, "summary": summary, "contrasts": contrasts}, out_json)
+    draw_chart([{"name": n, "metrics": s["mean"], "sd": s["sd"]} for n, s in summary.items()], chart)
+    print(f"\nwrote {os.path.normpath(out_json)} and {os.path.normpath(chart)}")
+
+
 # =============================================================================
 # Command line: every phase's checkpoint on every benchmark, side by side
 #
@@ -561,7 +654,8 @@ def minimal_pair_baselines(args, ckpts, data, log=print):
 # A text-only (phase 1) checkpoint gets n/a in every vision column. Rows of word n-gram models trained on phase
 # 1's text, and of chance, follow the checkpoints.
 
-DEFAULT_ROWS = ("phase1", "phase2", "phase3_control", "phase3", "phase3_oracle", "phase4")
+DEFAULT_ROWS = ("phase1", "phase2", "phase3_control", "phase3_continued", "phase3", "phase3_oracle", "phase4_control",
+                "phase4")
 PROBE_KEYS = ("existence", "relation", "syntax")
 LANG_KEYS = PROBE_KEYS + ("blimp",)
 VL_KEYS = ("caption_exact", "wino_group", "vqa_ranked")
@@ -576,6 +670,9 @@ COLUMNS = [("blimp", "BLiMP"), ("existence", "existence"), ("relation", "relatio
 def parse_args(argv=None):
     import argparse
     p = argparse.ArgumentParser(description="Evaluate checkpoints of every phase side by side (see the end of eval.py).")
+    p.add_argument("--compare", nargs="+", default=[], metavar="EVAL_JSON",
+                   help="no evaluation: the eval.json files of several seeds (rows present in one file only, such "
+                        "as phases 1-2 run once, count as fixed) -> means, sds and paired bootstrap intervals")
     p.add_argument("--ckpt", action="append", default=[], help="a checkpoint to evaluate (repeatable); default: "
                    "the best.pt of " + ", ".join(DEFAULT_ROWS) + " under --out_dir, those that exist")
     p.add_argument("--out_dir", default="out")
@@ -879,7 +976,8 @@ def _font(size):
 
 
 def draw_chart(results, path, width=900, height=480):
-    """Grouped bar chart: language avg and vision-language avg per checkpoint, y axis 0..1, n/a marked."""
+    """Grouped bar chart: language avg and vision-language avg per checkpoint, y axis 0..1, n/a marked; a row
+    with "sd" (eval.py --compare) gets a +-1 sd whisker on each bar."""
     from PIL import Image, ImageDraw
     series = [("language avg", "language_avg", (52, 101, 164)), ("vision-language avg", "vl_avg", (230, 126, 34))]
     img = Image.new("RGB", (width, height), "white")
@@ -918,6 +1016,13 @@ def draw_chart(results, path, width=900, height=480):
                 if v > 0:  # at least one pixel tall (a tiny value would round to an empty, invalid box)
                     top_px = min(round(yv(v)), round(y1) - 1)
                     dr.rectangle([round(bx), top_px, round(bx + bar_w) - 1, round(y1) - 1], fill=color)
+                sd = (r.get("sd") or {}).get(key)
+                if sd:
+                    mid = round(bx + bar_w / 2)
+                    lo, hi = round(yv(max(v - sd, 0.0))), round(yv(min(v + sd, 1.0)))
+                    dr.line([(mid, lo), (mid, hi)], fill="black", width=1)
+                    dr.line([(mid - 4, hi), (mid + 4, hi)], fill="black", width=1)
+                    dr.line([(mid - 4, lo), (mid + 4, lo)], fill="black", width=1)
                 lab = f"{v:.2f}"
             tw, th = text_size(lab, small)
             ly = (yv(v) if v is not None else y1) - th - 6
@@ -958,6 +1063,8 @@ def main(argv=None):
     from common import checkpoint_tokenizer, load_checkpoint, setup
     from model import build_model
     args = parse_args(argv)
+    if args.compare:
+        return compare_seeds(args)
     log = (lambda *a: None) if args.quiet else print
     ckpts = find_checkpoints(args)
     from common import check_writable
@@ -1018,7 +1125,9 @@ def main(argv=None):
             print(f"(!) {r['name']}: {r['stale']}; its row may not match a rerun")
     total = time.perf_counter() - t_all
     from common import write_json_atomic
+    groups = {k: [r["UID"] for r in rows] for k, rows in data["probes"]["test"].items()} if "probes" in data else {}
     write_json_atomic({"results": results, "baselines": baselines, "columns": [k for k, _ in columns],
+                       "item_groups": groups,
                        "settings": vars(args), "device": run.device, "seconds": round(total, 2)}, args.json)
     draw_chart(results, args.chart)
     print(f"\nwrote {args.json} and {args.chart} ({total:.0f} s)")

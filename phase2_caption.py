@@ -14,7 +14,6 @@ Reads out/phase1/best.pt, writes out/phase2/best.pt (lowest caption val loss) an
 """
 import argparse
 import os
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -22,11 +21,10 @@ import torch
 from common import (UserError, Run, add_run_args, all_reduce_mean, check_args, checkpoint_tokenizer, cleanup, cli,
                     ensure_world, flops_per_sample, grad_sync, load_checkpoint, lr_at, make_optimizer, set_lr,
                     to_device, wrap_model, write_json_atomic)
-from data.images import load_coco, load_world_split, split_indices
+from data.images import caption_batches, load_coco, load_world_split, pack_captions, split_indices
 from data.text import replay_step, text_of_phase1
 from eval import caption_images, caption_report
 from model import VLM, DecoderConfig, ViTConfig, build_model
-from tokenizer import BOS, EOS, PAD
 
 LIMITS = {"image_size": (8, None), "patch_size": (1, None), "vit_layers": (1, None), "vit_heads": (1, None),
           "vit_d": (4, None), "merge": (1, None), "batch_size": (1, None), "length_groups": (1, None),
@@ -89,70 +87,18 @@ def parse_args(argv=None):
 
 
 def load_caption_data(args, sp, run):
-    """-> dict split -> SimpleNamespace(images uint8 (N,H,W,3), captions [[ids,...] per image],
-    relations [ids of the relational caption, or None, per image], texts [[str,...]], scenes [dict or None])."""
-    def pack(images, rows, idx=None):
-        idx = np.arange(len(rows)) if idx is None else idx
-        rows = [rows[i] for i in idx]
-        texts = [r["captions"] for r in rows]
-        rels = [r.get("relation") for r in rows]  # world images only
-        flat = sp.encode([c for caps in texts for c in caps] + [r for r in rels if r])  # one batched call
-        ids, k = [], 0
-        for caps in texts:
-            ids.append([[BOS] + flat[k + j][:args.max_caption_tokens] + [EOS] for j in range(len(caps))])
-            k += len(caps)
-        relations = []
-        for r in rels:
-            relations.append([BOS] + flat[k][:args.max_caption_tokens] + [EOS] if r else None)
-            k += bool(r)
-        imgs = images if len(idx) == len(images) else images[idx]
-        return SimpleNamespace(images=imgs, captions=ids, relations=relations, texts=texts,
-                               scenes=[r.get("scene") for r in rows])
-
+    """-> dict split -> captions packed by data.images.pack_captions (images, caption ids, relational caption ids,
+    texts, scenes)."""
     if args.coco_dir:
         images, rows = load_coco(args.coco_dir, args.image_size, os.path.join(args.out_dir, "cache"))
         if len(rows) < 2:
             raise UserError(f"{args.coco_dir} has {len(rows)} usable image(s); need at least 2 (train + val)")
         tr, va = split_indices(len(rows), 0.1)
-        return {"train": pack(images, rows, tr), "val": pack(images, rows, va), "test": pack(images, rows, va)}
+        pack = lambda idx: pack_captions(images, rows, sp, args.max_caption_tokens, idx)  # noqa: E731
+        return {"train": pack(tr), "val": pack(va), "test": pack(va)}
     ensure_world(args.world_dir, run)
-    return {s: pack(*load_world_split(args.world_dir, f"caption_{s}")) for s in ("train", "val", "test")}
-
-
-def caption_batches(data, idx, gen, canonical_frac, groups=1, mine=slice(None), relation_frac=0.0):
-    """Captions for images idx, as `groups` micro-batches of images (b,H,W,3) uint8 and padded (b,T)
-    inputs/targets. Targets are -1 on padding, so only caption tokens (and EOS) carry loss.
-    Rows are sorted by caption length before the cut, so a one-object caption (12 tokens) is not
-    padded to a four-object one (36): the same gradient (see the training loop) for less work.
-    Under DDP idx is the global batch: every rank draws the captions of all of it, so the generator
-    stays in step with one process, and keeps its own rows `mine`."""
-    seqs = []
-    for i in idx:
-        caps = data.captions[i]
-        # the relational caption with probability relation_frac (if the image has one), else the canonical
-        # (first) caption with probability canonical_frac, else one of the others
-        if relation_frac and data.relations[i] and torch.rand((), generator=gen).item() < relation_frac:
-            seqs.append(data.relations[i])
-        elif len(caps) == 1 or torch.rand((), generator=gen).item() < canonical_frac:
-            seqs.append(caps[0])
-        else:
-            seqs.append(caps[1 + int(torch.randint(len(caps) - 1, (), generator=gen))])
-    idx, seqs = idx[mine], seqs[mine]
-    by_len = np.argsort([len(s) for s in seqs], kind="stable")
-    return [pad_batch(data, idx[part], [seqs[r] for r in part])
-            for part in np.array_split(by_len, min(groups, len(seqs)))]
-
-
-def pad_batch(data, idx, seqs):
-    T = max(len(s) for s in seqs) - 1
-    x = torch.full((len(seqs), T), PAD, dtype=torch.long)
-    y = torch.full((len(seqs), T), -1, dtype=torch.long)
-    for r, s in enumerate(seqs):
-        x[r, :len(s) - 1] = torch.tensor(s[:-1])
-        y[r, :len(s) - 1] = torch.tensor(s[1:])
-    images = torch.from_numpy(np.asarray(data.images[np.sort(idx)]))
-    order = np.argsort(np.argsort(idx))  # images were read in sorted order (fast memmap); undo it
-    return images[torch.from_numpy(order)], x, y
+    return {s: pack_captions(*load_world_split(args.world_dir, f"caption_{s}"), sp, args.max_caption_tokens)
+            for s in ("train", "val", "test")}
 
 
 @torch.no_grad()

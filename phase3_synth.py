@@ -11,6 +11,12 @@ mix of those synthetic captions and the real phase 1 text.
                                                   # (writes out/phase3_control/ instead of out/phase3/)
     python phase3_synth.py --arm oracle           # the upper bound: the world's true captions of the same
                                                   # images instead of the model's own (out/phase3_oracle/)
+    python phase3_synth.py --arm continued        # no new images: phase 2's own labeled captions as the
+                                                  # text (out/phase3_continued/)
+
+Every arm takes the same steps, tokens per step, optimizer and schedule, and 1 step in 4 (--replay_frac)
+replays phase 2's task (labeled images, their captions, the image prefix on), so reading image tokens is
+not forgotten: the arms differ only in what their synthetic rows read.
 Best checkpoint by val loss on real held-out text -> out/phase3/best.pt (a full VLM, for phase 4).
 """
 import argparse
@@ -26,7 +32,7 @@ from tqdm import tqdm
 from common import (UserError, Run, add_run_args, check_args, checkpoint_tokenizer, cleanup, cli, ensure_world,
                     flops_per_token, load_checkpoint, lr_at, make_optimizer, read_jsonl, set_lr, show_progress,
                     to_device, wrap_model, write_atomic, write_json_atomic)
-from data.images import load_image_array, load_world_split
+from data.images import caption_replay_step, load_image_array, load_world_split, pack_captions
 from data.text import text_of_phase1, tokenize_lines, val_loss
 from eval import caption_images, language_scores, sequence_logprobs
 from model import build_model
@@ -35,7 +41,7 @@ from tokenizer import BOS, EOS
 LIMITS = {"n_images": (0, None), "captions_per_image": (1, None), "top_k": (0, None), "gen_batch": (1, None),
           "max_caption_tokens": (4, None), "batch_size": (1, None), "seq_len": (8, None), "max_steps": (1, None),
           "warmup": (0, None), "eval_interval": (1, None), "eval_iters": (1, None), "log_interval": (1, None),
-          "synthetic_frac": (0, 1), "temperature": (0, None), "lr": (("above", 0), None), "min_lr_frac": (0, 1),
+          "synthetic_frac": (0, 1), "replay_frac": (0, 0.5), "temperature": (0, None), "lr": (("above", 0), None), "min_lr_frac": (0, 1),
           "weight_decay": (0, None), "grad_clip": (0, None)}
 
 
@@ -45,9 +51,10 @@ def parse_args(argv=None):
     p.add_argument("--world_dir", default="data/world")
     p.add_argument("--images", default="", help="a .npy uint8 (N,H,W,3) of unlabeled images; empty = the world's")
     # synthesis
-    p.add_argument("--arm", default="dream", choices=("dream", "oracle"),
-                   help="dream: the model's own captions; oracle: the world's true canonical captions of the same "
-                        "images, the most that dreaming could teach (and the check that the probes can see it)")
+    p.add_argument("--arm", default="dream", choices=("dream", "oracle", "continued"),
+                   help="dream: the model's own captions of the unlabeled images; oracle: the world's true canonical "
+                        "captions of the same images, the most that dreaming could teach (and the check that the "
+                        "probes can see it); continued: phase 2's labeled captions again, no new images")
     p.add_argument("--n_images", type=int, default=0, help="how many unlabeled images to caption (0 = all)")
     p.add_argument("--captions_per_image", type=int, default=1)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -60,6 +67,9 @@ def parse_args(argv=None):
     p.add_argument("--synthetic", default="", help="reuse this synthetic.jsonl instead of captioning again")
     # training the language component
     p.add_argument("--synthetic_frac", type=float, default=0.5, help="share of each batch from synthetic captions")
+    p.add_argument("--replay_frac", type=float, default=0.25,
+                   help="share of steps that replay phase 2's captioning (world images only; 0 = the paper's "
+                        "text-only phase 3, which lets the decoder forget how to read image tokens)")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--seq_len", type=int, default=128)
     p.add_argument("--max_steps", type=int, default=300)
@@ -88,11 +98,11 @@ def parse_args(argv=None):
         raise UserError("--min_logprob must be a number (leave it out for no confidence filter)")
     if args.init not in ("phase2", "phase3", "phase4"):
         raise UserError(f"--init={args.init}: phase 3 needs a model with vision (phase2, phase3 or phase4)")
-    if args.arm == "oracle" and (args.synthetic_frac == 0 or args.images or args.synthetic):
-        raise UserError("--arm oracle reads the world's own captions of its unlabeled images: it needs "
-                        "--synthetic_frac > 0 and no --images or --synthetic")
+    if args.arm != "dream" and (args.synthetic_frac == 0 or args.images or args.synthetic):
+        raise UserError(f"--arm {args.arm} reads the world's own captions: it needs --synthetic_frac > 0 and no "
+                        "--images or --synthetic")
     args.out_name = args.out_name or ("phase3_control" if args.synthetic_frac == 0 else
-                                      "phase3_oracle" if args.arm == "oracle" else "phase3")
+                                      "phase3" if args.arm == "dream" else f"phase3_{args.arm}")
     other_phase = args.out_name in ("phase1", "phase2", "phase4", args.init)
     if other_phase or os.path.basename(os.path.normpath(args.out_name)) != args.out_name:  # e.g. ../x, a/b
         raise UserError(f"--out_name={args.out_name} would write over another phase's checkpoints or leave {args.out_dir}; "
@@ -208,10 +218,11 @@ def main(argv=None):
     if args.synthetic_frac > 0:
         if args.synthetic:
             rows = read_synthetic(args.synthetic)
-        elif args.arm == "oracle":  # the same images, described by the world itself (canonical caption)
+        elif args.arm != "dream":  # the world's own canonical captions: of the same images, or of phase 2's
             ensure_world(args.world_dir, run)
-            truth = load_world_split(args.world_dir, "unlabeled")[1]
-            rows = [{"image": i, "caption": r["captions"][0]} for i, r in enumerate(truth[:args.n_images or None])]
+            n = len(load_unlabeled(args, run)) if args.arm == "continued" else None  # as many as the dream's
+            truth = load_world_split(args.world_dir, "unlabeled" if args.arm == "oracle" else "caption_train")[1]
+            rows = [{"image": i, "caption": r["captions"][0]} for i, r in enumerate(truth[:args.n_images or n])]
             if run.master:  # the same readable corpus file as a dream's, for a side-by-side look
                 write_synthetic(rows, syn_path)
         elif ckpt and os.path.exists(syn_path):
@@ -251,6 +262,21 @@ def main(argv=None):
     run.start(model, optimizer, prev["tokenizer"], ckpt, parent=init_path)
     ddecoder = wrap_model(decoder, run, args.compile)
     flops_per_step = flops_per_token(decoder, args.seq_len) * args.seq_len * args.batch_size / run.world_size
+
+    # phase 2's task, replayed 1 step in replay_every, at phase 2's share of relational captions
+    args.relation_frac = prev["args"].get("relation_frac", 0.0)  # saved in this checkpoint too, for phase 4
+    replay_every = round(1 / args.replay_frac) if args.replay_frac > 0 else 0
+    if replay_every and (args.images or prev["args"].get("coco_dir")):
+        run.log("caption replay off: it replays the built-in world's labeled images, and this run is on other images")
+        replay_every = 0
+    if replay_every:
+        captions = pack_captions(*load_world_split(args.world_dir, "caption_train"), sp, args.max_caption_tokens)
+
+        def caption_loss(imgs, x, y):  # vision is frozen: its image tokens need no gradient
+            with torch.no_grad():
+                prefix = model.encode_images(imgs)
+            return ddecoder(x, y, prefix=prefix)[1]
+        run.log(f"1 step in {replay_every} replays phase 2's captions ({len(captions.captions):,} labeled images)")
     model.train()
     while True:
         if run.eval_due(args.eval_interval, args.max_steps):  # best.pt: lowest loss on real held-out text
@@ -259,15 +285,20 @@ def main(argv=None):
         if run.step >= args.max_steps:
             break
         set_lr(optimizer, lr_at(run.step, 1.0, args.max_steps, args.warmup, args.min_lr_frac))
-        x, y, _ = mixed_batch(real_train, synth, args.batch_size, args.seq_len, args.synthetic_frac, run.gen, run)
-        with run.autocast:
-            _, loss = ddecoder(x, y)  # next-token loss on real and synthetic text alike
-        loss.backward()
+        replay = " (caption replay)" if replay_every and run.step % replay_every == replay_every - 1 else ""
+        if replay:
+            loss, counts = caption_replay_step(caption_loss, captions, args.batch_size, run.gen, run, args.relation_frac)
+        else:
+            x, y, _ = mixed_batch(real_train, synth, args.batch_size, args.seq_len, args.synthetic_frac, run.gen, run)
+            with run.autocast:
+                _, loss = ddecoder(x, y)  # next-token loss on real and synthetic text alike
+            loss.backward()
+            counts = dict(tokens=x.numel(), flops=flops_per_step)
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(decoder.parameters(), args.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        run.stepped(loss, tokens=x.numel(), flops=flops_per_step)
+        run.stepped(loss, replay, **counts)
     best_path = run.finish()
 
     # ---- 3. report: did it help? language scores of the best checkpoint (compare phase 2, the control)

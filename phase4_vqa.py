@@ -29,8 +29,8 @@ import torch
 
 from common import (UserError, Run, add_run_args, all_reduce_mean, check_args, checkpoint_tokenizer, cleanup, cli,
                     ensure_world, flops_per_sample, load_checkpoint, lr_at, make_optimizer, set_lr, to_device,
-                    wrap_model, write_json_atomic)
-from data.images import split_indices
+                    token_weighted, wrap_model, write_json_atomic)
+from data.images import caption_replay_step, load_world_split, pack_captions, split_indices
 from data.text import replay_step, text_of_phase1
 from data.vqa import answers_by_type, load_vqav2, load_world_vqa, split_by_image
 from eval import vqa_answer_ids, vqa_generate, vqa_prompt, vqa_report
@@ -39,7 +39,7 @@ from tokenizer import PAD
 
 LIMITS = {"batch_size": (1, None), "max_steps": (1, None), "warmup": (0, None), "eval_interval": (1, None),
           "eval_batches": (1, None), "log_interval": (1, None), "n_test": (0, None), "max_answer_tokens": (1, None),
-          "min_lr_frac": (0, 1), "vqa_val_frac": (("above", 0), 0.5), "text_frac": (0, 0.5),  # 0.5: every other step
+          "min_lr_frac": (0, 1), "vqa_val_frac": (("above", 0), 0.5), "text_frac": (0, 0.5), "replay_frac": (0, 0.5),  # 0.5: every other step
           "weight_decay": (0, None), "grad_clip": (0, None), "lr_vision": (("above", 0), None),
           "lr_decoder": (("above", 0), None)}
 # --init: folder under out_dir -> (the phase its best.pt holds, the command that makes it)
@@ -64,6 +64,11 @@ def parse_args(argv=None):
     # optimisation
     p.add_argument("--text_frac", type=float, default=0.1,
                    help="fraction of steps that replay phase 1 text, so answering questions does not erase language")
+    p.add_argument("--replay_frac", type=float, default=0.25,
+                   help="fraction of steps that replay phase 2's captioning (world images, image prefix on), so "
+                        "answering questions does not erase describing images; 0 = answers only")
+    p.add_argument("--out_name", default="phase4", help="output folder under out_dir (e.g. phase4_control for "
+                   "--init phase3_control)")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--max_steps", type=int, default=760, help="sized to fit the CPU time budget of reproduce.sh")
     p.add_argument("--lr_vision", type=float, default=1e-3, help="ViT + projector")
@@ -83,6 +88,9 @@ def parse_args(argv=None):
     add_run_args(p, "phase4")
     args = p.parse_args(argv)
     check_args(args, LIMITS)
+    if args.out_name.startswith(("phase1", "phase2", "phase3")) or os.path.basename(os.path.normpath(args.out_name)) != args.out_name:
+        raise UserError(f"--out_name={args.out_name} would write over another phase's checkpoints or leave {args.out_dir}; "
+                        "pick a new folder name such as phase4_control")
     vqa = [args.vqa_questions, args.vqa_annotations, args.vqa_images]
     if any(vqa) and not all(vqa):
         raise UserError("VQAv2 data needs all three of --vqa_questions, --vqa_annotations and --vqa_images")
@@ -171,7 +179,7 @@ def evaluate(model, val, args, run):
 def main(argv=None):
     args = parse_args(argv)
     # a resume must keep the optimizer's parameter groups and what the val loss means
-    run = Run(args, "phase4", same_on_resume=("freeze_decoder", "freeze_vit", "batch_size", "eval_batches"))
+    run = Run(args, "phase4", args.out_name, same_on_resume=("freeze_decoder", "freeze_vit", "batch_size", "eval_batches"))
 
     # ---- the VLM: from the chosen earlier phase, or everything back from last.pt
     ckpt = run.last_checkpoint()
@@ -215,6 +223,15 @@ def main(argv=None):
             f"images | {len(val.rows):,} val | {P} image tokens | from {src_path} | answers per type: {types}")
     if text_every:
         run.log(f"1 step in {text_every} replays a batch of phase 1 text ({len(text_train):,} tokens)")
+    # phase 2's task: 1 step in replay_every captions labeled world images, at phase 2's share of relational captions
+    args.relation_frac = src["args"].get("relation_frac", 0.0)
+    replay_every = round(1 / args.replay_frac) if args.replay_frac > 0 else 0
+    if replay_every and args.vqa_questions:
+        run.log("caption replay off: it replays the built-in world's labeled images, and this run is on VQAv2")
+        replay_every = 0
+    if replay_every:
+        captions = pack_captions(*load_world_split(args.world_dir, "caption_train"), sp, 64)
+        run.log(f"1 step in {replay_every} replays phase 2's captions ({len(captions.captions):,} labeled images)")
 
     # ---- training loop: answer questions, loss on the answer tokens only
     while True:
@@ -230,8 +247,13 @@ def main(argv=None):
             break
         set_lr(optimizer, lr_at(run.step, 1.0, args.max_steps, args.warmup, args.min_lr_frac))
         replay = " (text replay)" if text_every and run.step % text_every == text_every - 1 else ""
-        if replay:
+        if not replay and replay_every and run.step % replay_every == replay_every - 1:
+            replay = " (caption replay)"
+        if replay == " (text replay)":
             loss, counts = replay_step(model.decoder, text_train, args.batch_size, run.gen, run)
+        elif replay:
+            loss, counts = caption_replay_step(lambda imgs, x, y: dmodel(imgs, x, y)[1], captions, args.batch_size,
+                                               run.gen, run, args.relation_frac)
         else:
             idx = torch.randint(len(train.rows), (args.batch_size,), generator=run.gen).numpy()
             idx = idx[run.rank::run.world_size]  # same global batch, each rank its own rows
@@ -239,8 +261,7 @@ def main(argv=None):
             n_tok = int((y >= 0).sum())
             with run.autocast:
                 _, loss = dmodel(imgs, x, y)
-            if run.ddp:  # answers differ in length: weigh each rank's mean by its tokens, as one process would
-                loss = loss * (n_tok / all_reduce_mean(float(n_tok), run))
+                loss = token_weighted(loss, n_tok, run)  # answers differ in length across ranks
             loss.backward()
             counts = dict(tokens=n_tok, images=len(idx), flops=sample_flops * len(idx))
         if args.grad_clip > 0:

@@ -13,10 +13,14 @@ import json
 import os
 import sys
 
+from types import SimpleNamespace
+
 import numpy as np
+import torch
 from PIL import Image
 
-from common import UserError, read_json, read_jsonl, write_atomic, write_json_atomic
+from common import UserError, read_json, read_jsonl, to_device, token_weighted, write_atomic, write_json_atomic
+from tokenizer import BOS, EOS, PAD
 
 
 def load_world_split(world_dir, split):
@@ -164,3 +168,78 @@ def load_image_array(path, what="images"):
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8 or len(images) == 0:
         raise UserError(f"{what} {path} must hold a uint8 array (N, H, W, 3) with N > 0, not {images.dtype} {images.shape}")
     return images
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Captions as training data: phase 2's task, and its replay in phases 3 and 4
+# ---------------------------------------------------------------------------------------------------------------------
+def pack_captions(images, rows, sp, max_tokens, idx=None):
+    """Tokenize the captions of records once -> SimpleNamespace(images uint8 (N,H,W,3), captions [[ids,...] per
+    image], relations [ids of the world's relational caption, or None, per image], texts [[str,...]], scenes
+    [dict or None]). idx: which records (default all). Captions are cut to max_tokens, then BOS ... EOS."""
+    idx = np.arange(len(rows)) if idx is None else idx
+    rows = [rows[i] for i in idx]
+    texts = [r["captions"] for r in rows]
+    rels = [r.get("relation") for r in rows]  # world images only
+    flat = sp.encode([c for caps in texts for c in caps] + [r for r in rels if r])  # one batched call
+    ids, k = [], 0
+    for caps in texts:
+        ids.append([[BOS] + flat[k + j][:max_tokens] + [EOS] for j in range(len(caps))])
+        k += len(caps)
+    relations = []
+    for r in rels:
+        relations.append([BOS] + flat[k][:max_tokens] + [EOS] if r else None)
+        k += bool(r)
+    imgs = images if len(idx) == len(images) else images[idx]
+    return SimpleNamespace(images=imgs, captions=ids, relations=relations, texts=texts,
+                           scenes=[r.get("scene") for r in rows])
+
+
+def caption_batches(data, idx, gen, canonical_frac, groups=1, mine=slice(None), relation_frac=0.0):
+    """Captions for images idx, as `groups` micro-batches of images (b,H,W,3) uint8 and padded (b,T)
+    inputs/targets. Targets are -1 on padding, so only caption tokens (and EOS) carry loss.
+    Rows are sorted by caption length before the cut, so a one-object caption (12 tokens) is not
+    padded to a four-object one (36): the same gradient (see phase 2's loop) for less work.
+    Under DDP idx is the global batch: every rank draws the captions of all of it, so the generator
+    stays in step with one process, and keeps its own rows `mine`."""
+    seqs = []
+    for i in idx:
+        caps = data.captions[i]
+        # the relational caption with probability relation_frac (if the image has one), else the canonical
+        # (first) caption with probability canonical_frac, else one of the others
+        if relation_frac and data.relations[i] and torch.rand((), generator=gen).item() < relation_frac:
+            seqs.append(data.relations[i])
+        elif len(caps) == 1 or torch.rand((), generator=gen).item() < canonical_frac:
+            seqs.append(caps[0])
+        else:
+            seqs.append(caps[1 + int(torch.randint(len(caps) - 1, (), generator=gen))])
+    idx, seqs = idx[mine], seqs[mine]
+    by_len = np.argsort([len(s) for s in seqs], kind="stable")
+    return [_pad_captions(data, idx[part], [seqs[r] for r in part])
+            for part in np.array_split(by_len, min(groups, len(seqs)))]
+
+
+def _pad_captions(data, idx, seqs):
+    T = max(len(s) for s in seqs) - 1
+    x = torch.full((len(seqs), T), PAD, dtype=torch.long)
+    y = torch.full((len(seqs), T), -1, dtype=torch.long)
+    for r, s in enumerate(seqs):
+        x[r, :len(s) - 1] = torch.tensor(s[:-1])
+        y[r, :len(s) - 1] = torch.tensor(s[1:])
+    images = torch.from_numpy(np.asarray(data.images[np.sort(idx)]))
+    order = np.argsort(np.argsort(idx))  # images were read in sorted order (fast memmap); undo it
+    return images[torch.from_numpy(order)], x, y
+
+
+def caption_replay_step(loss_fn, data, batch_size, gen, run, relation_frac=0.0):
+    """Forward + backward of one batch of phase 2's task inside phase 3 or 4, so a later phase does not erase
+    captioning: labeled images with their canonical (or relational) captions, the image prefix on, the loss on
+    caption tokens only. loss_fn(images, x, y) -> mean loss over the caption tokens. Returns (loss, counts)."""
+    idx = torch.randint(len(data.captions), (batch_size,), generator=gen).numpy()
+    mine = slice(run.rank, None, run.world_size)  # same global batch, each rank its own rows
+    imgs, x, y = to_device(run, *caption_batches(data, idx, gen, 1.0, 1, mine, relation_frac)[0])
+    n_tok = int((y >= 0).sum())
+    with run.autocast:
+        loss = token_weighted(loss_fn(imgs, x, y), n_tok, run)
+    loss.backward()
+    return loss.detach(), dict(tokens=n_tok, images=len(imgs))
