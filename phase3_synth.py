@@ -30,9 +30,9 @@ import torch
 from tqdm import tqdm
 
 from common import (UserError, Run, add_run_args, check_args, checkpoint_tokenizer, cleanup, cli, ensure_world,
-                    flops_per_token, load_checkpoint, lr_at, make_optimizer, read_jsonl, set_lr, show_progress,
+                    flops_per_token, grad_sync, load_checkpoint, lr_at, make_optimizer, read_jsonl, set_lr, show_progress,
                     to_device, wrap_model, write_atomic, write_json_atomic)
-from data.images import caption_replay_step, load_image_array, load_world_split, pack_captions
+from data.images import caption_batches, caption_replay_step, load_image_array, load_world_split, pack_captions
 from data.text import text_of_phase1, tokenize_lines, val_loss
 from eval import caption_images, language_scores, sequence_logprobs
 from model import build_model
@@ -65,6 +65,9 @@ def parse_args(argv=None):
                    help="drop captions whose mean token log-prob is below this (confidence filter)")
     p.add_argument("--dedup", action="store_true", help="keep each distinct caption once")
     p.add_argument("--synthetic", default="", help="reuse this synthetic.jsonl instead of captioning again")
+    p.add_argument("--dream", default="text", choices=("text", "image"),
+                   help="text: the paper's dreaming, the captions become plain text for the decoder; image: each "
+                        "caption is learned with its image as the prefix (self-training on the unlabeled images)")
     # training the language component
     p.add_argument("--synthetic_frac", type=float, default=0.5, help="share of each batch from synthetic captions")
     p.add_argument("--replay_frac", type=float, default=0.25,
@@ -187,6 +190,25 @@ def mixed_batch(real, synth, batch_size, seq_len, frac, gen, run):
     return x, y, int(picks.sum())
 
 
+def image_dream_step(ddecoder, caption_loss, real, pairs, args, run):
+    """--dream image: the synthetic share of the batch is (image, own caption) rows with the image prefix, the
+    rest real text windows as in a text step; one gradient, each part weighed by its share of the rows."""
+    n_syn = int(round(args.synthetic_frac * args.batch_size))
+    x, y, _ = mixed_batch(real, real, args.batch_size - n_syn, args.seq_len, 0.0, run.gen, run)
+    idx = torch.randint(len(pairs.captions), (n_syn,), generator=run.gen).numpy()
+    imgs, xi, yi = to_device(run, *caption_batches(pairs, idx, run.gen, 1.0, 1, slice(run.rank, None, run.world_size))[0])
+    w = n_syn / args.batch_size
+    grad_sync(ddecoder, run, False)  # two backward passes, one gradient: DDP syncs on the second
+    with run.autocast:
+        text_loss = ddecoder(x, y)[1] * (1 - w)
+    text_loss.backward()
+    grad_sync(ddecoder, run, True)
+    with run.autocast:
+        image_loss = caption_loss(imgs, xi, yi) * w
+    image_loss.backward()
+    return (text_loss + image_loss).detach(), dict(tokens=x.numel() + int((yi >= 0).sum()), images=len(imgs))
+
+
 def main(argv=None):
     args = parse_args(argv)
     # a resume must keep what the val loss means (best.pt is chosen by comparing it across the resume)
@@ -253,6 +275,11 @@ def main(argv=None):
         synth = tokenize_lines([r["caption"] for r in kept], sp, os.path.join(run.out, tok_name), BOS, EOS)
         if len(synth) <= args.seq_len + 1:
             raise UserError(f"synthetic corpus has {len(synth)} tokens, fewer than --seq_len={args.seq_len}; caption more images")
+        if args.dream == "image":  # (image, its caption) pairs, packed like phase 2's labeled captions
+            images = (load_world_split(args.world_dir, "caption_train")[0] if args.arm == "continued"
+                      else load_unlabeled(args, run))
+            synth_pairs = pack_captions(np.asarray(images[[r["image"] for r in kept]]),
+                                        [{"captions": [r["caption"]]} for r in kept], sp, args.max_caption_tokens)
 
     # ---- 2. train the language component on the mix; vision is frozen
     for p in list(model.vit.parameters()) + list(model.projector.parameters()):
@@ -269,13 +296,12 @@ def main(argv=None):
     if replay_every and (args.images or prev["args"].get("coco_dir")):
         run.log("caption replay off: it replays the built-in world's labeled images, and this run is on other images")
         replay_every = 0
+    def caption_loss(imgs, x, y):  # vision is frozen: its image tokens need no gradient
+        with torch.no_grad():
+            prefix = model.encode_images(imgs)
+        return ddecoder(x, y, prefix=prefix)[1]
     if replay_every:
         captions = pack_captions(*load_world_split(args.world_dir, "caption_train"), sp, args.max_caption_tokens)
-
-        def caption_loss(imgs, x, y):  # vision is frozen: its image tokens need no gradient
-            with torch.no_grad():
-                prefix = model.encode_images(imgs)
-            return ddecoder(x, y, prefix=prefix)[1]
         run.log(f"1 step in {replay_every} replays phase 2's captions ({len(captions.captions):,} labeled images)")
     model.train()
     while True:
@@ -288,6 +314,8 @@ def main(argv=None):
         replay = " (caption replay)" if replay_every and run.step % replay_every == replay_every - 1 else ""
         if replay:
             loss, counts = caption_replay_step(caption_loss, captions, args.batch_size, run.gen, run, args.relation_frac)
+        elif args.dream == "image" and synth is not None:
+            loss, counts = image_dream_step(ddecoder, caption_loss, real_train, synth_pairs, args, run)
         else:
             x, y, _ = mixed_batch(real_train, synth, args.batch_size, args.seq_len, args.synthetic_frac, run.gen, run)
             with run.autocast:

@@ -158,3 +158,19 @@ def test_experiments_sh_runs_every_arm_and_compares_them(world, pipeline, copy_r
     # rerun: everything is done, nothing is trained again
     r = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "==> phase" not in r.stdout and r.stdout.count("skip (done)") >= 7, show(r)
+
+
+@pytest.mark.slow
+def test_image_conditioned_dreaming_trains_the_decoder_on_images_and_keeps_vision(world, pipeline, copy_run):
+    import os
+    from conftest import assert_ok, load, run_script, tensors
+    from test_phase3 import TINY_P3
+    d = copy_run(pipeline)
+    r = run_script("phase3_synth.py", "--world_dir", world, "--out_dir", "out", *TINY_P3, "--dream", "image",
+                   "--out_name", "phase3_image", cwd=d)
+    assert_ok(r)
+    assert "replays phase 2's captions" in r.stdout
+    p2 = tensors(load(os.path.join(d, "out", "phase2", "best.pt"))["model"])
+    p3 = tensors(load(os.path.join(d, "out", "phase3_image", "last.pt"))["model"])
+    assert all(torch.equal(p2[k], p3[k]) for k in p2 if k.startswith(("vit.", "projector.")))
+    assert any(not torch.equal(p2[k], p3[k]) for k in p2 if k.startswith("decoder."))
