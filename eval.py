@@ -214,7 +214,6 @@ def surprisal_gaps(model, sp, meta, device):
     """How surprised the decoder is by a shape after its colour, -log2 p(shape | "there is a <size> <colour>"),
     for the S pairs (held out of phase 1, named in phase 2) and the U pairs (named nowhere, only seen in the
     unlabeled images), minus the same for the pairs phase 1 read: in bits, 0 = as expected as a seen pair."""
-    from data.talk import noun_phrase
     groups = {"S": meta["heldout_combos"], "U": meta["unseen_combos"],
               "seen": [f"{c} {s}" for c in meta["colors"] for s in meta["shapes"]
                        if f"{c} {s}" not in set(meta["heldout_combos"] + meta["unseen_combos"] + meta["foil_combos"])]}
@@ -223,7 +222,7 @@ def surprisal_gaps(model, sp, meta, device):
         for pair in pairs:
             color, shape = pair.split()
             for size in meta["sizes"]:
-                prompt = [BOS] + sp.encode(f"there is {noun_phrase('a', size, color)}")
+                prompt = [BOS] + sp.encode(f"there is a {size} {color}")  # sizes start with a consonant: "a"
                 seqs.append(prompt + sp.encode(shape))
                 starts.append(len(prompt))
                 owner.append(g)

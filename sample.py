@@ -22,7 +22,7 @@ import torch
 from common import UserError, check_range, checkpoint_tokenizer, cli, load_checkpoint, setup
 from tokenizer import BOS, EOS, decode
 
-PHASES = ("phase1", "phase2", "phase3", "phase3_control", "phase4")
+PHASES = ("phase1", "phase2", "phase3", "phase3_control", "phase3_continued", "phase3_oracle", "phase4", "phase4_control")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 
 

@@ -300,6 +300,20 @@ def test_surprisal_gap_sees_which_pairs_a_decoder_heard(pair_models):
     g0, g1 = ev.surprisal_gaps(never, sp, world_meta(), "cpu"), ev.surprisal_gaps(heard, sp, world_meta(), "cpu")
     assert g0["gap_u"] > 1.0 and g0["gap_s"] > 1.0   # bits: a shape never said after its colour is a surprise
     assert abs(g1["gap_u"]) < 0.5 and g1["gap_s"] > 1.0   # heard U, not S
+    # by hand: -log2 p(shape | "there is a <size> <colour>") from the next-token distribution, U minus seen
+    from data import world as W
+    from tokenizer import BOS
+
+    def bits(color, shape):
+        out = []
+        for size in W.SIZES:
+            prompt, shape_ids = [BOS] + sp.encode(f"there is a {size} {color}"), sp.encode(shape)
+            logp = torch.log_softmax(never.all_logits(torch.tensor([prompt + shape_ids]))[0], -1)
+            out.append(-sum(logp[len(prompt) - 1 + k, t].item() for k, t in enumerate(shape_ids)) / math.log(2))
+        return out
+    seen = [b for c in W.COLORS for s in W.SHAPES if (c, s) not in W.PHASE1_NEVER for b in bits(c, s)]
+    unseen = [b for c, s in W.UNSEEN_COMBOS for b in bits(c, s)]
+    assert g0["gap_u"] == pytest.approx(np.mean(unseen) - np.mean(seen), abs=1e-4)
 
 
 def test_productive_vocabulary_counts_the_u_pairs_a_decoder_says(pair_models):
