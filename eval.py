@@ -236,21 +236,25 @@ def surprisal_gaps(model, sp, meta, device):
 
 @torch.no_grad()
 def productive_vocabulary(model, sp, meta, n=1000, seed=0, device="cpu"):
-    """What the decoder says on its own: n samples from BOS at temperature 1. -> share of the U pairs it names at
-    least once, share of lines naming any U pair, and share of grammatical lines (the world's own judge)."""
+    """What the decoder says on its own: n samples from BOS at temperature 1. -> the share of lines naming a U pair
+    (never said in training text, only seen in the unlabeled images), the same for F pairs (seen nowhere: what
+    sampling noise alone says), the share of U pairs named at least once, and the share of grammatical lines
+    (the world's own judge)."""
     from data.judge import is_grammatical
     from data.talk import mentions
     dec = decoder_of(model)
     dec.eval()
     gen = torch.Generator(device=device).manual_seed(seed)
     unseen = [tuple(p.split()) for p in meta["unseen_combos"]]
+    foils = {tuple(p.split()) for p in meta["foil_combos"]}
     lines = []
     for b0 in range(0, n, 250):
         new = dec.generate([[BOS]] * min(250, n - b0), min(48, dec.cfg.max_seq_len - 1), temperature=1.0, eos_id=EOS,
                            generator=gen)
         lines += [decode(sp, ids) for ids in new]
     named = {p for p in unseen if any(mentions(x, {p}) for x in lines)}
-    return {"u_said": len(named) / len(unseen), "u_lines": float(np.mean([mentions(x, set(unseen)) for x in lines])),
+    return {"u_said": float(np.mean([mentions(x, set(unseen)) for x in lines])),
+            "f_said": float(np.mean([mentions(x, foils) for x in lines])), "u_pairs_named": len(named) / len(unseen),
             "grammatical": float(np.mean([is_grammatical(x) for x in lines])), "examples": lines[:5]}
 
 
@@ -660,7 +664,8 @@ LANG_KEYS = PROBE_KEYS + ("blimp",)
 VL_KEYS = ("caption_exact", "wino_group", "vqa_ranked")
 # (key, header) of the main table: gaps in bits (0 is best), everything else a share (higher is better)
 COLUMNS = [("blimp", "BLiMP"), ("existence", "existence"), ("relation", "relation"), ("syntax", "syntax"),
-           ("gap_s", "gap S"), ("gap_u", "gap U"), ("u_said", "U said"), ("grammatical", "grammatical"),
+           ("gap_s", "gap S"), ("gap_u", "gap U"), ("u_said", "U said"), ("f_said", "F said"),
+           ("grammatical", "grammatical"),
            ("caption_exact", "caption exact"), ("u_naming", "U naming"), ("wino_group", "Wino group"),
            ("vqa_ranked", "VQA ranked"), ("vqa_gen", "VQA gen"), ("coco_bleu4", "COCO BLEU-4"),
            ("language_avg", "language avg"), ("vl_avg", "VL avg")]
@@ -682,8 +687,9 @@ def parse_args(argv=None):
     p.add_argument("--per_paradigm", action="store_true", help="also print per-paradigm tables (always for --blimp)")
     p.add_argument("--coco_dir", default="", help="COCO captions folder: adds BLEU-4 on its held-out 10%%")
     p.add_argument("--n_caption", type=int, default=1000, help="held-out world images to caption (caption_test has 1000)")
-    p.add_argument("--n_samples", type=int, default=1000, help="unconditional samples for U said / grammatical")
-    p.add_argument("--n_vqa", type=int, default=1000, help="VQA test questions")
+    p.add_argument("--n_samples", type=int, default=1000, help="unconditional samples for U/F said and grammatical")
+    p.add_argument("--n_vqa", type=int, default=500, help="VQA test questions (ranking every allowed answer of "
+                   "each is the slowest benchmark)")
     p.add_argument("--n_wino", type=int, default=0, help="Winoground items (0 = all)")
     p.add_argument("--n_text", type=int, default=1000, help="held-out description lines per file (0 = all)")
     p.add_argument("--n_coco", type=int, default=200, help="held-out COCO images to caption")
@@ -861,7 +867,7 @@ def evaluate_checkpoint(model, sp, data, args, device, coco_cache, log=print):
         m.update(surprisal_gaps(model, sp, data["meta"], device))
         clock("probes")
         pv = productive_vocabulary(model, sp, data["meta"], args.n_samples, args.seed, device)
-        m["u_said"], m["grammatical"], detail["samples"] = pv["u_said"], pv["grammatical"], pv
+        m["u_said"], m["f_said"], m["grammatical"], detail["samples"] = pv["u_said"], pv["f_said"], pv["grammatical"], pv
         clock("samples")
         for key, lines in (("bpb", data["desc"]), ("bpb_heldout", data["desc_heldout"])):
             max_len = decoder_of(model).cfg.max_seq_len
@@ -873,7 +879,8 @@ def evaluate_checkpoint(model, sp, data, args, device, coco_cache, log=print):
         clock("bpb")
         log(f"  existence {fmt_metric(m['existence'])}, relation {fmt_metric(m['relation'])}, syntax "
             f"{fmt_metric(m['syntax'])}; surprisal gap S {m['gap_s']:+.2f} / U {m['gap_u']:+.2f} bits; "
-            f"samples name {fmt_metric(m['u_said'])} of the U pairs, {fmt_metric(m['grammatical'])} grammatical")
+            f"samples naming a U pair {fmt_metric(m['u_said'])} (an F pair {fmt_metric(m['f_said'])}), "
+            f"{fmt_metric(m['grammatical'])} grammatical")
     world_size = data["cap_images"].shape[1] if len(data.get("cap_images", ())) else None
     if isinstance(model, VLM) and world_size and world_size != model.vit.cfg.image_size:
         # e.g. a phase 2 trained on COCO at --image_size 64: the world's benchmarks do not apply

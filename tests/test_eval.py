@@ -213,17 +213,19 @@ def test_cli_text_only_checkpoint_is_na_for_vision(sp, sp_path, tiny_world, tmp_
     res = json.load(open(os.path.join(out, "eval.json")))
     (p1, p2), cols = res["results"], res["columns"]
     assert [p1["name"], p2["name"]] == ["phase1", "phase2"] and not p1["vision"] and p2["vision"]
-    for key in ("wino_text", "wino_image", "wino_group", "caption_exact", "vqa", "vl_avg"):
+    for key in ("wino_group", "caption_exact", "vqa_ranked", "vqa_gen", "vl_avg"):
         assert p1["metrics"][key] is None and p2["metrics"][key] is not None, key
-    for key in ("world_mp", "world_mp_heldout", "bpb", "bpb_heldout", "language_avg"):
+    for key in ("existence", "relation", "syntax", "gap_s", "gap_u", "u_said", "f_said", "grammatical", "bpb",
+                "language_avg"):
         assert p1["metrics"][key] is not None and p2["metrics"][key] is not None, key
     m = p1["metrics"]
-    assert m["language_avg"] == pytest.approx((m["world_mp"] + m["world_mp_heldout"]) / 2)
+    assert m["language_avg"] == pytest.approx((m["existence"] + m["relation"] + m["syntax"]) / 3)
     m = p2["metrics"]
-    assert m["vl_avg"] == pytest.approx((m["wino_text"] + m["caption_exact"] + m["vqa"]) / 3)
+    assert m["vl_avg"] == pytest.approx((m["caption_exact"] + m["wino_group"] + m["vqa_ranked"]) / 3)
+    assert len(p2["detail"]["items"]["vqa_ranked"]) == 6 and len(p2["detail"]["items"]["caption_exact"]) == 3
     assert "blimp" not in cols and "coco_bleu4" not in cols and "vl_avg" in cols
     row1 = next(l for l in printed.splitlines() if l.startswith("| phase1 "))
-    assert row1.count("n/a") == 6  # Winoground x3, captions, VQA, VL avg
+    assert row1.count("n/a") == 6  # caption exact, U naming, Winoground group, VQA ranked and generated, VL avg
     assert os.path.getsize(os.path.join(out, "eval.png")) > 0
 
 
@@ -320,8 +322,8 @@ def test_productive_vocabulary_counts_the_u_pairs_a_decoder_says(pair_models):
     sp, never, heard = pair_models
     p0 = ev.productive_vocabulary(never, sp, world_meta(), n=200, seed=0)
     p1 = ev.productive_vocabulary(heard, sp, world_meta(), n=200, seed=0)
-    assert p0["u_said"] == 0 and p0["u_lines"] == 0
-    assert p1["u_said"] > 0.5 and p1["u_lines"] > 0.05
+    assert p0["u_said"] == 0 and p0["u_pairs_named"] == 0 and p0["f_said"] < 0.05
+    assert p1["u_pairs_named"] > 0.5 and p1["u_said"] > 0.05
     assert p0["grammatical"] > 0.8 and p1["grammatical"] > 0.8
 
 

@@ -503,7 +503,7 @@ def test_eval_skips_world_vision_benchmarks_for_another_image_size(world):
             "vqa": [{"question": "what ?", "answer": "red"}], "vqa_images": np.zeros((1, 32, 32, 3), dtype=np.uint8)}
     lines = []
     m, _ = E.evaluate_checkpoint(model, None, data, SimpleNamespace(batch_size=8, coco_dir=""), "cpu", {}, log=lines.append)
-    assert m["caption_exact"] is None and m["wino_text"] is None and m["vqa"] is None
+    assert m["caption_exact"] is None and m["wino_group"] is None and m["vqa_ranked"] is None and m["vqa_gen"] is None
     assert any("skipped" in l and "64px" in l and "32px" in l for l in lines)
 
 
