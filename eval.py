@@ -33,11 +33,12 @@ def pad_batch(seqs, pad=PAD):
 
 
 @torch.no_grad()
-def sequence_logprobs(model, seqs, images=None, score_from=None, batch_size=64, device="cpu"):
+def sequence_logprobs(model, seqs, images=None, score_from=None, batch_size=64, device="cpu", prefix=None):
     """Sum of log p(token | everything before it) for each sequence of ids (each starts with BOS, which
     is conditioned on, not scored). score_from[i]: score only tokens at positions >= score_from[i]
     (e.g. only the answer after a question). images: optional uint8 (N, H, W, 3), one per sequence,
-    fed as the VLM's prefix. Returns (list of summed log-probs, list of scored-token counts)."""
+    fed as the VLM's prefix; or prefix: the image tokens themselves, (N, P, D), when many sequences share
+    an image (encode it once). Returns (list of summed log-probs, list of scored-token counts)."""
     model.eval()
     out_lp, out_n = [], []
     for b0 in range(0, len(seqs), batch_size):
@@ -45,7 +46,9 @@ def sequence_logprobs(model, seqs, images=None, score_from=None, batch_size=64, 
         ids, real = pad_batch(chunk)
         ids, real = ids.to(device), real.to(device)
         # the last token predicts nothing that is scored: leave it out, so a sequence may fill the context
-        if images is not None:
+        if prefix is not None:
+            logits = decoder_of(model).all_logits(ids[:, :-1], prefix=prefix[b0:b0 + batch_size])
+        elif images is not None:
             imgs = torch.from_numpy(np.array(images[b0:b0 + batch_size])).to(device)
             logits = model.all_logits(imgs, ids[:, :-1])
         else:
@@ -352,8 +355,12 @@ def vqa_rank(model, sp, images, questions, candidates, batch_size=64, device="cp
             seqs.append(prompt + vqa_answer_ids(sp, c))
             starts.append(len(prompt))  # score from the first answer token on
             imgs.append(k)
-    lp, n = sequence_logprobs(model, seqs, images=np.asarray(images)[imgs], score_from=starts,
-                              batch_size=batch_size, device=device)
+    model.eval()
+    with torch.no_grad():  # each image's tokens once, shared by all its candidate answers
+        tokens = torch.cat([model.encode_images(torch.from_numpy(np.array(images[b0:b0 + batch_size])).to(device))
+                            for b0 in range(0, len(images), batch_size)])
+    lp, n = sequence_logprobs(model, seqs, score_from=starts, batch_size=batch_size, device=device,
+                              prefix=tokens[torch.tensor(imgs, device=device)])
     scores = [l / k for l, k in zip(lp, n)] if per_token else lp
     out, j = [], 0
     for cands in candidates:
@@ -838,7 +845,7 @@ def mean_of(values):
     return float(np.mean(values)) if values else None
 
 
-def evaluate_checkpoint(model, sp, data, args, device, coco_cache, log=print):
+def evaluate_checkpoint(model, sp, data, args, device, coco_cache, log=print, phase=None):
     """-> metrics dict (None = n/a) and a per-benchmark detail dict for the JSON (with every item's score, 1 or
     0, under detail["items"], so that runs can be compared item by item)."""
     import time
@@ -918,18 +925,21 @@ def evaluate_checkpoint(model, sp, data, args, device, coco_cache, log=print):
             right = [vqa_accuracy(c, [q["answer"]]) for c, q in zip(chosen, qs)]
             m["vqa_ranked"] = float(np.mean(right))
             detail["items"]["vqa_ranked"] = right
-            # generated: only a model that learned phase 4's answer format can score here
-            preds = vqa_generate(model, sp, imgs, questions, batch_size=args.batch_size, device=device)
-            gen_right = [vqa_accuracy(p, [q["answer"]]) for p, q in zip(preds, qs)]
-            m["vqa_gen"] = float(np.mean(gen_right))
+            # generated: only a model that learned phase 4's answer format can score, so only phase 4 is asked
+            gen_right = [None] * len(qs)
+            if phase == "phase4":
+                preds = vqa_generate(model, sp, imgs, questions, batch_size=args.batch_size, device=device)
+                gen_right = [vqa_accuracy(p, [q["answer"]]) for p, q in zip(preds, qs)]
+                m["vqa_gen"] = float(np.mean(gen_right))
             by_type = defaultdict(lambda: ([], []))
             for q, r, g in zip(qs, right, gen_right):
                 by_type[q.get("type", "all")][0].append(r)
                 by_type[q.get("type", "all")][1].append(g)
             detail["vqa"] = {"ranked": m["vqa_ranked"], "generated": m["vqa_gen"], "n": len(qs),
                              "chance": float(np.mean([1 / len(c) for c in cands])),
-                             "by_type": {t: float(np.mean(v[0])) for t, v in sorted(by_type.items())},
-                             "by_type_generated": {t: float(np.mean(v[1])) for t, v in sorted(by_type.items())}}
+                             "by_type": {t: float(np.mean(v[0])) for t, v in sorted(by_type.items())}}
+            if m["vqa_gen"] is not None:
+                detail["vqa"]["by_type_generated"] = {t: float(np.mean(v[1])) for t, v in sorted(by_type.items())}
             clock("vqa")
         if args.coco_dir:
             images, refs = coco_test(args, model.vit.cfg.image_size, coco_cache)
@@ -1091,7 +1101,7 @@ def main(argv=None):
         del ckpt["model"]
         log(f"{name}: {path} ({ckpt.get('phase')}, step {ckpt.get('step')}, "
             f"{'vision + language' if isinstance(model, VLM) else 'text only'})")
-        metrics, detail = evaluate_checkpoint(model, sp, data, args, run.device, coco_cache, log)
+        metrics, detail = evaluate_checkpoint(model, sp, data, args, run.device, coco_cache, log, ckpt.get("phase"))
         dt = time.perf_counter() - t0
         log(f"  {dt:.1f} s ({', '.join(f'{k} {v:.1f}' for k, v in detail['seconds'].items())})")
         stale = stale_parent(ckpt, path)

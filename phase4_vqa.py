@@ -230,7 +230,9 @@ def main(argv=None):
         run.log("caption replay off: it replays the built-in world's labeled images, and this run is on VQAv2")
         replay_every = 0
     if replay_every:
-        captions = pack_captions(*load_world_split(args.world_dir, "caption_train"), sp, 64)
+        # captions cut to what fits after the image tokens (BOS + caption = the input)
+        captions = pack_captions(*load_world_split(args.world_dir, "caption_train"), sp,
+                                 model.decoder.cfg.max_seq_len - P - 1)
         run.log(f"1 step in {replay_every} replays phase 2's captions ({len(captions.captions):,} labeled images)")
 
     # ---- training loop: answer questions, loss on the answer tokens only
