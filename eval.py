@@ -626,6 +626,10 @@ def compare_seeds(args):
             A, B = items(a, key), items(b, key)
             if A is None or B is None:
                 continue
+            if len(A[0]) != len(B[0]):  # e.g. evaluated with another --n_vqa: not the same items
+                print(f"warning: {key}: {a} was scored on {len(A[0])} items, {b} on {len(B[0])}; not compared "
+                      "(evaluate both with the same settings)")
+                continue
             n = max(len(A), len(B))  # pair seed k with seed k; a row run once repeats
             A, B = [A[i % len(A)] for i in range(n)], [B[i % len(B)] for i in range(n)]
             point, draws[key] = paired_draws(A, B, groups.get(key), rng=rng)

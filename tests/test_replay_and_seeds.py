@@ -174,3 +174,14 @@ def test_image_conditioned_dreaming_trains_the_decoder_on_images_and_keeps_visio
     p3 = tensors(load(os.path.join(d, "out", "phase3_image", "last.pt"))["model"])
     assert all(torch.equal(p2[k], p3[k]) for k in p2 if k.startswith(("vit.", "projector.")))
     assert any(not torch.equal(p2[k], p3[k]) for k in p2 if k.startswith("decoder."))
+
+
+def test_compare_skips_a_benchmark_scored_on_other_items(tmp_path, capsys):
+    keys = ev.PROBE_KEYS + ev.VL_KEYS
+    row = lambda name, n: (name, {k: 0.5 for k in keys}, {k: [1, 0] * (n // 2) for k in keys})  # noqa: E731
+    a = fake_eval(tmp_path / "a.json", [row("phase2", 100)], {})
+    b = fake_eval(tmp_path / "b.json", [(lambda r: (r[0], r[1], dict(r[2], vqa_ranked=[1, 0] * 25)))(row("phase3", 100))], {})
+    ev.main(["--compare", a, b, "--json", str(tmp_path / "s.json"), "--chart", str(tmp_path / "s.png")])
+    assert "vqa_ranked: phase3 was scored on 50 items, phase2 on 100; not compared" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "s.json").read_text())["contrasts"]["phase3 - phase2"]
+    assert "vqa_ranked" not in saved and "existence" in saved
