@@ -1047,9 +1047,10 @@ def draw_chart(results, path, width=900, height=480):
             tw, th = text_size(lab, small)
             ly = (yv(v) if v is not None else y1) - th - 6
             dr.text((round(bx + (bar_w - tw) / 2), round(ly)), lab, fill=(60, 60, 60), font=small)
-        name = r["name"]
-        tw, th = text_size(name, font)
-        dr.text((round(cx - tw / 2), y1 + 10), name, fill="black", font=font)
+        lines = [r["name"]] if text_size(r["name"], font)[0] < group_w - 4 else r["name"].split("_", 1)  # wrap
+        for k, line in enumerate(lines):
+            tw, th = text_size(line, font)
+            dr.text((round(cx - tw / 2), y1 + 10 + k * (th + 4)), line, fill="black", font=font)
     lx = x1 - 10  # legend, top right, right-aligned
     for label, _, color in reversed(series):
         tw, th = text_size(label, small)
