@@ -193,15 +193,19 @@ def caption_report(model, sp, test, n, device="cpu"):
 def language_scores(model, sp, world_dir, device):
     """The world's language probes on their test split (see data/benchmarks.py): existence, relation, syntax
     (minimal pairs), their mean, and the surprisal gaps in bits. What phase 3 reports about its own checkpoint."""
-    from common import read_jsonl
     from data.world import read_meta
-    items = read_jsonl(os.path.join(world_dir, "probes.jsonl")) + read_jsonl(os.path.join(world_dir, "minimal_pairs.jsonl"))
     out = {}
-    for name, rows in probe_sets(items, "test").items():
+    for name, rows in probe_sets(read_probes(world_dir), "test").items():
         out[name] = minimal_pairs(model, sp, rows, device)["macro"]
     out["language_avg"] = float(np.mean([out[k] for k in PROBE_KEYS]))
     out.update(surprisal_gaps(model, sp, read_meta(world_dir), device))
     return out
+
+
+def read_probes(world_dir):
+    """Every probe item and syntax minimal pair of a built world, in file order."""
+    from common import read_jsonl
+    return read_jsonl(os.path.join(world_dir, "probes.jsonl")) + read_jsonl(os.path.join(world_dir, "minimal_pairs.jsonl"))
 
 
 def probe_sets(items, split):
@@ -269,12 +273,6 @@ def u_naming(captions, scenes, unseen):
     hits = [mentions(c, {(o["color"], o["shape"])}) for c, s in zip(captions, scenes) for o in s["objects"]
             if (o["color"], o["shape"]) in unseen]
     return float(np.mean(hits)) if hits else None
-
-
-def caption_accuracy(captions, scenes):
-    """The headline caption metric, "caption exact": true, every object named, the count right (caption_scores'
-    "complete"): a caption that names one object of three is not a description of the image."""
-    return caption_scores(captions, scenes)["complete"]
 
 
 # ---- BLEU-4 (Papineni et al. 2002), corpus level, for real captions
@@ -802,18 +800,13 @@ def load_eval_data(args):
     if args.no_world:
         return d
     w = args.world_dir
+    from data.world import ensure_built, read_meta
     if not os.path.exists(os.path.join(w, "meta.json")):
-        from data.world import ensure_built
-        from common import show_progress
         print(f"{w} has no built world: building it (python -m data.world --out {w})")
-        ensure_built(w, progress=show_progress(args))
-    from data.world import FORMAT_VERSION, read_meta
+    from common import show_progress
+    ensure_built(w, progress=show_progress(args))  # builds a missing world; refuses one of another format
     d["meta"] = read_meta(w)
-    if d["meta"]["format_version"] != FORMAT_VERSION:
-        from common import UserError
-        raise UserError(f"{w} was built by an older version of data/world.py (format {d['meta']['format_version']}, "
-                        f"this code reads {FORMAT_VERSION}); delete the folder to rebuild it, or pass another --world_dir")
-    items = read_jsonl(os.path.join(w, "probes.jsonl")) + read_jsonl(os.path.join(w, "minimal_pairs.jsonl"))
+    items = read_probes(w)
     d["probes"] = {split: probe_sets(items, split) for split in ("test", "val")}
     for key, name in (("desc", "descriptions_test.txt"), ("desc_heldout", "descriptions_test_heldout.txt")):
         with open(os.path.join(w, name), encoding="utf-8") as f:

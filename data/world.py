@@ -494,8 +494,11 @@ def ensure_built(out_dir="data/world", seed=None, scale=None, size=None, progres
     folder, name = os.path.split(os.path.abspath(out_dir))
     remove_stale_temps(folder, prefix=name + ".tmp")  # the temp folders of builds that were killed
     meta = read_meta(out_dir)
-    want = {"format_version": FORMAT_VERSION, "seed": seed, "scale": scale, "size": size}
+    want = {"seed": seed, "scale": scale, "size": size}
     if meta is not None:
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise UserError(f"{out_dir} was built by an older version of data/world.py (format {meta.get('format_version')}, "
+                            f"this code reads {FORMAT_VERSION}); delete the folder to rebuild it, or pass another --world_dir")
         diff = [f"{k} {meta.get(k)}" for k, v in want.items() if v is not None and meta.get(k) != v]
         if diff:
             raise UserError(f"{out_dir} holds a world with {', '.join(diff)}, not the one asked for; pass another "

@@ -449,6 +449,16 @@ def test_ensure_built_reuses_a_matching_world(w):
     assert os.stat(meta).st_mtime_ns == before
 
 
+def test_ensure_built_refuses_a_world_of_an_older_format(tmp_path):
+    from common import UserError
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "meta.json").write_text(json.dumps({"format_version": 1, "seed": 0, "scale": 1.0, "size": 32, "counts": {}}))
+    with pytest.raises(UserError, match=r"older version of data/world.py \(format 1, this code reads 2\); delete"):
+        W.ensure_built(str(old))
+    assert os.listdir(old) == ["meta.json"]   # nothing built over it
+
+
 def test_sample_scene_and_describe_are_pure():
     import random
     a = W.sample_scene(random.Random(5))
