@@ -252,12 +252,13 @@ def _existence_item(rng):
     f = rng.choice(_foils(u))
     size, (c2, s2) = rng.choice(SIZES), rng.choice(SEEN_COMBOS)
     frame = rng.randrange(6)
+    pos, number, rel = rng.choice(POSITIONS), rng.choice(NUM_WORDS[2:]), rng.choice(("left of", "right of", "next to"))
 
     def say(color, shape):
         if frame == 0:
             return f"look , {noun_phrase('a', size, color, shape)} !"
         if frame == 1:
-            return f"there is {noun_phrase('a', size, color, shape, pos=rng_pos)} ."
+            return f"there is {noun_phrase('a', size, color, shape, pos=pos)} ."
         if frame == 2:
             return f"can you see the {color} {shape} ?"
         if frame == 3:
@@ -265,7 +266,6 @@ def _existence_item(rng):
         if frame == 4:
             return f"the {color} {shape} is {rel} the {c2} {s2} ."
         return f"is there {noun_phrase('a', None, color, shape)} ?"
-    rng_pos, number, rel = rng.choice(POSITIONS), rng.choice(NUM_WORDS[2:]), rng.choice(("left of", "right of", "next to"))
     return say(*u), say(*f), f"existence_{'colour' if u[0] == f[0] else 'shape'}_swap", u, f
 
 
