@@ -75,7 +75,7 @@ def parse_args(argv=None):
                         "text-only phase 3, which lets the decoder forget how to read image tokens)")
     p.add_argument("--batch_size", type=int, default=32)
     p.add_argument("--seq_len", type=int, default=128)
-    p.add_argument("--max_steps", type=int, default=300)
+    p.add_argument("--max_steps", type=int, default=240, help="sized so reproduce.sh fits 20 minutes on 2 CPU cores")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--min_lr_frac", type=float, default=0.1)

@@ -46,11 +46,12 @@ step() {
 
 step "$PY" -c "import sys; from data.world import ensure_built; ensure_built(sys.argv[1])" "$world_dir"
 step "$PY" phase1_text.py "$@"
-step "$PY" phase2_caption.py "$@"
+# --n_test 0: eval.py scores every test set at the end, so the phases skip their own reports
+step "$PY" phase2_caption.py --n_test 0 "$@"
 step "$PY" phase3_synth.py "$@"
 step "$PY" phase3_synth.py --synthetic_frac 0 "$@"
 step "$PY" phase3_synth.py --arm oracle "$@"
-step "$PY" phase4_vqa.py "$@"
+step "$PY" phase4_vqa.py --n_test 0 "$@"
 # shellcheck disable=SC2086  # EVAL_ARGS is a list of words on purpose
 step "$PY" eval.py ${eval_args[@]+"${eval_args[@]}"} ${EVAL_ARGS:-}
 echo
