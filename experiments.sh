@@ -56,8 +56,8 @@ for ((s = first; s < first + seeds; s++)); do
     step "$d/phase3_control/best.pt" "$PY" "$here/phase3_synth.py" --synthetic_frac 0 --out_dir "$d" --seed "$s" "${args[@]+"${args[@]}"}" "${p3[@]+"${p3[@]}"}"
     step "$d/phase3_continued/best.pt" "$PY" "$here/phase3_synth.py" --arm continued --out_dir "$d" --seed "$s" "${args[@]+"${args[@]}"}" "${p3[@]+"${p3[@]}"}"
     step "$d/phase3_oracle/best.pt" "$PY" "$here/phase3_synth.py" --arm oracle --out_dir "$d" --seed "$s" "${args[@]+"${args[@]}"}" "${p3[@]+"${p3[@]}"}"
-    step "$d/phase4/best.pt" "$PY" "$here/phase4_vqa.py" --out_dir "$d" --seed "$s" "${args[@]+"${args[@]}"}" "${p4[@]+"${p4[@]}"}"
-    step "$d/phase4_control/best.pt" "$PY" "$here/phase4_vqa.py" --init phase3_control --out_name phase4_control \
+    step "$d/phase4/best.pt" "$PY" "$here/phase4_vqa.py" --n_test 0 --out_dir "$d" --seed "$s" "${args[@]+"${args[@]}"}" "${p4[@]+"${p4[@]}"}"
+    step "$d/phase4_control/best.pt" "$PY" "$here/phase4_vqa.py" --n_test 0 --init phase3_control --out_name phase4_control \
         --out_dir "$d" --seed "$s" "${args[@]+"${args[@]}"}" "${p4[@]+"${p4[@]}"}"
     ckpts=()
     for r in phase3_control phase3_continued phase3 phase3_oracle phase4_control phase4; do ckpts+=(--ckpt "$d/$r/best.pt"); done
