@@ -131,9 +131,10 @@ def main(argv=None):
     if ckpt:
         check_vocab(ckpt, sp, run.last_path)
         cfg = DecoderConfig(**ckpt["decoder_config"])
-    else:
+    else:  # the context holds what later phases feed (phase 2: 16 image tokens + a caption; phase 3: 128-token
+        # windows) even when phase 1 trains on shorter ones; RoPE has no weights, so a longer table costs nothing
         cfg = DecoderConfig(vocab_size=vocab, n_layer=args.n_layer, n_head=args.n_head, d_model=args.d_model,
-                            max_seq_len=args.seq_len, tie_embeddings=not args.untied)
+                            max_seq_len=max(args.seq_len, 128), tie_embeddings=not args.untied)
     model = Decoder(cfg).to(run.device)
     if args.dropout > 0:
         add_dropout(model, args.dropout)
