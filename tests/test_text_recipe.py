@@ -92,3 +92,17 @@ def test_dropout_only_in_training():
     plain.train(), dropped.train()
     assert not torch.allclose(plain.all_logits(x), dropped.all_logits(x))
     assert set(dropped.state_dict()) == set(plain.state_dict())  # checkpoints keep their keys
+
+
+def test_short_windows_still_leave_room_for_later_phases(tmp_path):
+    # phase 2 puts 16 image tokens before a caption of up to 64: a real-text phase 1 on 64-token windows
+    # must not leave a 64-position decoder behind (COCO phase 2 once stopped with "exceed max_seq_len 64")
+    data = tmp_path / "babylm"
+    data.mkdir()
+    (data / "a.train").write_text("the cat sat on the mat .\nwhere is the ball ?\nlook at the dog !\n" * 200)
+    out = str(tmp_path / "out")
+    P1.main(["--data_dir", str(data), "--out_dir", out, "--vocab_size", "300", "--seq_len", "16", "--max_steps", "2",
+             "--batch_size", "2", "--d_model", "32", "--n_layer", "1", "--n_head", "2", "--eval_iters", "1",
+             "--device", "cpu", "--quiet"])
+    ck = torch.load(os.path.join(out, "phase1", "best.pt"), weights_only=True)
+    assert ck["decoder_config"]["max_seq_len"] == 128
