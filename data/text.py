@@ -263,24 +263,37 @@ def text_of_phase1(p1_ckpt, out_dir, run):
 # -----------------------------------------------------------------------------
 # Batches of text
 
-def get_batch(stream, batch_size, seq_len, gen, run):
+def utterance_starts(stream, seq_len):
+    """Offsets of every BOS in the stream that has a whole window (seq_len + 1 tokens) after it: the
+    starts of sentence-level samples. A minimal pair is scored from BOS at position 0, so a model
+    trained on windows that start there learns the case it is tested on."""
+    s = np.asarray(stream)
+    return np.flatnonzero(s[:len(s) - seq_len - 1] == BOS)
+
+
+def get_batch(stream, batch_size, seq_len, gen, run, starts=None):
     """Random windows of seq_len+1 tokens from the packed stream -> inputs x and targets y (B, T), y
-    being x shifted by one. Every rank draws the same global batch (same generator) and keeps its own
+    being x shifted by one. starts: None = a window may start anywhere; else an array of allowed
+    offsets (utterance_starts: sentence-level samples, which run on into the next utterances, so
+    nothing is padded). Every rank draws the same global batch (same generator) and keeps its own
     rows, so N ranks = one process with the same batch."""
-    starts = torch.randint(len(stream) - seq_len - 1, (batch_size,), generator=gen)
+    if starts is None:
+        starts = torch.randint(len(stream) - seq_len - 1, (batch_size,), generator=gen)
+    else:
+        starts = torch.from_numpy(starts[torch.randint(len(starts), (batch_size,), generator=gen).numpy()])
     starts = starts[run.rank::run.world_size].numpy()
     xy = torch.from_numpy(np.stack([stream[s:s + seq_len + 1] for s in starts]).astype(np.int64))  # (b, T+1)
     return to_device(run, xy[:, :-1], xy[:, 1:])
 
 
 @torch.no_grad()
-def val_loss(model, stream, batch_size, seq_len, iters, run):
+def val_loss(model, stream, batch_size, seq_len, iters, run, starts=None):
     """Mean loss over the same `iters` batches every time (own generator: the training RNG is untouched)."""
     model.eval()
     gen = torch.Generator().manual_seed(1234)
     losses = []
     for _ in range(iters):
-        x, y = get_batch(stream, batch_size, seq_len, gen, run)
+        x, y = get_batch(stream, batch_size, seq_len, gen, run, starts)
         with run.autocast:
             _, loss = model(x, y)
         losses.append(loss.item())

@@ -119,6 +119,14 @@ def test_tokenizer_round_trip(tmp_path):
         assert tk.decode(sp, ids) == text  # byte fallback: even unseen characters survive
 
 
+def test_tokenizer_folds_case(tmp_path):
+    # speech transcripts are lower case, benchmark sentences start with a capital: one word either way
+    lines = ["only the dog would ever bark .", "even the cat sat on the mat ."] * 200
+    sp = tk.train_tokenizer(lines, str(tmp_path / "tok.model"), 300)
+    assert tk.encode(sp, "Only The DOG would ever bark.") == tk.encode(sp, "only the dog would ever bark.")
+    assert tk.decode(sp, tk.encode(sp, lines[0])) == lines[0]  # lower-case text (all of the world's) is untouched
+
+
 def test_checkpoint_round_trip_weights_only(tmp_path):
     torch.manual_seed(0)
     m = VLM(tiny_cfg(), ViTConfig(image_size=16, patch_size=4, n_layer=1, d_model=32, n_head=2))
