@@ -123,8 +123,9 @@ def main(argv=None):
     H_unigram = unigram_entropy(train, vocab)  # the loss of a model that ignores context: the bar to beat
     train_starts = utterance_starts(train, args.seq_len) if args.sentence_starts else None
     val_starts = utterance_starts(val, args.seq_len) if args.sentence_starts else None
+    tokens_per_step = args.seq_len * args.batch_size * args.grad_accum
     if args.max_steps == 0:  # a budget in passes over the text
-        args.max_steps = steps_for_epochs(args.epochs, len(train), args.batch_size * args.grad_accum * args.seq_len)
+        args.max_steps = steps_for_epochs(args.epochs, len(train), tokens_per_step)
 
     # ---- model: a fresh decoder (or the one in last.pt, same shape)
     ckpt = run.last_checkpoint()
@@ -141,7 +142,6 @@ def main(argv=None):
     optimizer = make_optimizer([(model.named_parameters(), args.lr)], args.weight_decay, (0.9, 0.95), run.device_type)
     run.start(model, optimizer, tok_path, ckpt)
     dmodel = wrap_model(model, run, args.compile)  # torch.compile and/or DDP; `model` stays the plain one
-    tokens_per_step = args.seq_len * args.batch_size * args.grad_accum
     flops_per_step = flops_per_token(model, args.seq_len) * tokens_per_step / run.world_size
     run.log(f"device {run.device} x{run.world_size} | {model.num_params() / 1e6:.2f}M non-embedding params | "
             f"vocab {vocab} | {len(train):,} train tokens | unigram entropy {H_unigram:.3f} nats/token | "
